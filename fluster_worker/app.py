@@ -1,0 +1,143 @@
+"""The HTTP face of a Worker: Connect RPC, the dashboard, its JSON API and
+/metrics, on one Klein app (one port).
+
+Route map (werkzeug picks the most specific rule, so the order below only
+matters for readability):
+
+- ``POST /fluster.cluster.WorkerService/<Method>``: the RPC (``rpc.connect``).
+- ``GET /``, ``GET /job/<id>``, ``POST /job/<id>/kill``, ``GET /static/<name>``:
+  the pages (``dashboard``).
+- ``GET /api/...``: JSON (``api``).
+- ``GET /metrics``: Prometheus text (``metrics``).
+- ``POST /<service>/<method>``: Connect ``unimplemented`` for any other service.
+
+Every response carries ``Content-Security-Policy: default-src 'self'`` and
+``X-Content-Type-Options: nosniff`` (``SecureHeaders``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from klein import Klein
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from fluster_worker.api import Facts, JobsApi, WorkerView
+from fluster_worker.dashboard import Dashboard
+from fluster_worker.metrics import WorkerMetrics
+from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.rpc.connect import CallObserver, ConnectRouter, mount_unknown_services
+from fluster_worker.rpc.site import bounded_site
+from fluster_worker.service import WorkerService
+from fluster_worker.worker import Worker
+
+SECURITY_HEADERS: dict[bytes, bytes] = {
+    b"content-security-policy": b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"same-origin",
+}
+
+
+class SecureHeaders(Resource):
+    """Wraps a leaf resource (the Klein app) and adds the security headers to
+    every response it renders, error pages included."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource) -> None:
+        super().__init__()
+        self._wrapped = wrapped
+
+    def render(self, request: Request) -> Any:
+        for name, value in SECURITY_HEADERS.items():
+            request.setHeader(name, value)
+        return self._wrapped.render(request)
+
+
+def _memory_total_bytes() -> int:
+    from fluster_worker.controller.machine import memory_total_bytes
+
+    return memory_total_bytes()
+
+
+def build_app(
+    worker: Worker | WorkerView,
+    observe: CallObserver | None = None,
+    *,
+    metrics: WorkerMetrics | None = None,
+    facts: Facts | None = None,
+    service: Any = None,
+) -> Klein:
+    """The whole HTTP app. ``observe`` sees every RPC besides the metrics;
+    ``metrics``, ``facts`` and ``service`` are for tests (made here by default)."""
+    app = Klein()
+    if facts is None:
+        facts = Facts(started_s=worker.reactor.seconds(), memory_total_bytes=_memory_total_bytes())
+    descriptor = pb.DESCRIPTOR.services_by_name["WorkerService"]
+    if metrics is None:
+        metrics = WorkerMetrics(
+            worker.manager,
+            worker.logs,
+            worker.reactor,
+            worker_id=worker.worker_id,
+            rpc_methods=[m.name for m in descriptor.methods],
+            registration=lambda: getattr(worker, "registration", None),
+        )
+        metrics.watch(worker.manager)
+    if service is None:
+        service = WorkerService(worker.manager, worker.logs, worker.reactor)  # type: ignore[arg-type]
+    ConnectRouter(
+        descriptor,
+        service,
+        worker.reactor,
+        max_body_bytes=worker.config.max_body_bytes,
+        observe=_both(metrics.observe_rpc, observe),
+    ).mount(app)
+    dashboard = Dashboard(worker, facts)
+    dashboard.mount(app)
+    JobsApi(worker, facts).mount(app)
+    _mount_metrics(app, metrics)
+    mount_unknown_services(app)
+    dashboard.mount_errors(app)
+    return app
+
+
+def build_resource(worker: Worker | WorkerView, **kwargs: Any) -> Resource:
+    """The app as a resource with the security headers (what the Site serves)."""
+    return SecureHeaders(build_app(worker, **kwargs).resource())
+
+
+def build_site(worker: Worker) -> Site:
+    site = bounded_site(cast(IResource, build_resource(worker)), worker.config.max_body_bytes)
+    # No access log: the dashboard's live follow polls twice a second per open page,
+    # and Site writes a line per request to the twistd log (``noisy`` does not stop it).
+    site.log = _no_access_log  # type: ignore[method-assign]
+    return site
+
+
+def _no_access_log(request: object) -> None:
+    return None
+
+
+def _mount_metrics(app: Klein, metrics: WorkerMetrics) -> None:
+    def scrape(request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        body, content_type = metrics.exposition(accept.decode("latin-1") if accept else None)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    app.route("/metrics", methods=["GET"], endpoint="metrics")(scrape)
+
+
+def _both(first: CallObserver, second: CallObserver | None) -> CallObserver:
+    if second is None:
+        return first
+
+    def observe(method: str, code: str, seconds: float) -> None:
+        first(method, code, seconds)
+        second(method, code, seconds)
+
+    return observe

@@ -1,0 +1,385 @@
+"""ImageBuilder: builds (or finds) the Docker image holding a job's Python
+environment, and garbage-collects those images.
+
+An image is content-addressed: its tag `fluster-job:<16 hex>` hashes the base
+image id, pyproject.toml and uv.lock (or their absence), extras, pip packages,
+the runner's source, the uv version, the index options and the CA bundle (see
+`fluster_worker.dockerfile`). Jobs with the same dependencies share one image.
+
+States of one tag, all on the reactor thread:
+- no entry: `build()` computes the inputs in the pool, then starts a build;
+- in flight (`_inflight[tag]`): the engine is asked whether the tag exists
+  (from_cache), else builds it; every caller meanwhile gets its own Deferred and
+  receives the remaining log lines. When the build ends, every attached waiter
+  gets the result and the entry goes away.
+- being removed by gc (`ImageGC.removal`): a build of that tag first waits for
+  the removal, then rebuilds.
+
+Cancelling the Deferred of `build()` (a job killed while building) detaches that
+caller only: it gets CancelledError and no more log lines. The docker build goes
+on in its pool thread (docker-py cannot abort it) and its image stays cached.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import docker
+import docker.errors
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+
+from fluster_worker.dockerfile import (
+    CONTAINER_APP_DIR,
+    CONTAINER_ENTRYPOINT_PATH,
+    CONTAINER_IO_DIR,
+    CONTAINER_OUT_DIR,
+    CONTAINER_PYTHON,
+    CONTAINER_RESULT_PATH,
+    CONTAINER_RUNNER_PATH,
+    RUNNER_PATH,
+    TAG_REPOSITORY,
+    BuildError,
+    BuildInputs,
+    BuildOutput,
+    InvalidBuildInput,
+    file_sha256,
+    prepare_context,
+    read_project_file,
+    runner_command,
+    runner_version,
+    validate,
+    validate_index_url,
+    validate_repository,
+)
+from fluster_worker.image_gc import ImageGC, one_line
+from fluster_worker.threads import BlockingPool
+
+__all__ = [
+    "CONTAINER_APP_DIR",
+    "CONTAINER_ENTRYPOINT_PATH",
+    "CONTAINER_IO_DIR",
+    "CONTAINER_OUT_DIR",
+    "CONTAINER_PYTHON",
+    "CONTAINER_RESULT_PATH",
+    "CONTAINER_RUNNER_PATH",
+    "RUNNER_PATH",
+    "BuildError",
+    "BuildResult",
+    "ImageBuilder",
+    "InvalidBuildInput",
+    "runner_command",
+    "runner_version",
+    "validate",
+]
+
+
+class BuilderReactor(Protocol):
+    def seconds(self) -> float: ...
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    tag: str
+    from_cache: bool
+    started_ms: int
+    finished_ms: int
+
+
+@dataclass
+class _InFlight:
+    """One build of one tag, and the callers waiting for it."""
+
+    tag: str
+    waiters: list[tuple[Deferred[bool], Callable[[str], None]]] = field(default_factory=list)
+
+    def attach(self, log: Callable[[str], None]) -> Deferred[bool]:
+        def detach(d: Deferred[bool]) -> None:
+            self.waiters[:] = [(w, f) for (w, f) in self.waiters if w is not d]
+
+        d: Deferred[bool] = Deferred(canceller=detach)
+        self.waiters.append((d, log))
+        return d
+
+    def emit(self, lines: Sequence[str]) -> None:
+        for line in lines:
+            for _, log in list(self.waiters):  # a log callback may cancel its waiter
+                try:
+                    log(line)
+                except Exception:
+                    _log.failure("build log callback failed for {tag}", tag=self.tag)
+
+    def finish(self, result: bool | BaseException) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d, _ in waiters:
+            if isinstance(result, BaseException):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+_log = Logger()
+
+
+class ImageBuilder:
+    """Builds and garbage-collects job images on one Docker engine.
+
+    ``uv_bin`` (default: the ``uv`` package's binary) is copied into images.
+    ``repository`` names the images (default ``fluster-job``); gc only ever
+    considers images of this repository that carry the fluster label, and the
+    dangling leftovers of this repository's failed builds once older than
+    ``dangling_max_age`` seconds (younger ones may be the parent of a step that
+    is about to start)."""
+
+    log = _log
+
+    def __init__(
+        self,
+        reactor: BuilderReactor,
+        pool: BlockingPool,
+        docker_client_factory: Callable[[], docker.DockerClient],
+        base_image: str,
+        work_dir: Path,
+        *,
+        ca_bundle: Path | None = None,
+        index_url: str | None = None,
+        extra_index_urls: Sequence[str] = (),
+        max_images: int = 50,
+        max_image_bytes: int = 50 * 2**30,
+        uv_bin: Path | None = None,
+        repository: str = TAG_REPOSITORY,
+        dangling_max_age: float = 3600.0,
+    ) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        self._client_factory = docker_client_factory
+        self._client: docker.DockerClient | None = None
+        self._client_lock = threading.Lock()
+        self._uv_lock = threading.Lock()
+        self._base_image = base_image
+        self._work_dir = work_dir
+        self._ca_bundle = ca_bundle
+        self._index_url = None if index_url is None else validate_index_url(index_url)
+        self._extra_index_urls = tuple(validate_index_url(u) for u in extra_index_urls)
+        self._uv_bin = uv_bin
+        self._repository = validate_repository(repository)
+        self._uv_version: str | None = None
+        self._inflight: dict[str, _InFlight] = {}
+        self._images = ImageGC(
+            reactor,
+            pool,
+            self._docker,
+            base_image,
+            self._repository,
+            building=self._inflight.__contains__,
+            max_images=max_images,
+            max_image_bytes=max_image_bytes,
+            dangling_max_age=dangling_max_age,
+        )
+
+    # --- build ---------------------------------------------------------------
+
+    def build(
+        self,
+        project_dir: Path,
+        extras: Sequence[str],
+        pip_packages: Sequence[str],
+        log: Callable[[str], None],
+    ) -> Deferred[BuildResult]:
+        """The image for this project: built, or found (from_cache). Fails with
+        BuildError (InvalidBuildInput for bad extras or packages)."""
+        started_ms = self._now_ms()
+        try:
+            clean_extras, clean_packages = validate(extras, pip_packages)
+        except InvalidBuildInput as e:
+            return fail(e)
+        return Deferred.fromCoroutine(self._build(project_dir, clean_extras, clean_packages, log, started_ms))
+
+    async def _build(
+        self,
+        project_dir: Path,
+        extras: list[str],
+        pip_packages: list[str],
+        log: Callable[[str], None],
+        started_ms: int,
+    ) -> BuildResult:
+        try:
+            inputs = await self._pool.run(self._collect_inputs, project_dir, extras, pip_packages)
+        except BuildError:
+            raise
+        except Exception as e:  # the engine unreachable, uv missing, ...
+            self.log.failure("collecting the image inputs failed")
+            raise BuildError(f"image build failed: {one_line(e)}") from e
+        tag = inputs.tag
+        build = self._inflight.get(tag)
+        if build is None:
+            build = self._inflight[tag] = _InFlight(tag)
+            waiter = build.attach(log)
+            Deferred.fromCoroutine(self._run_build(build, inputs))
+        else:
+            log(f"waiting for the build of {tag} already in progress")
+            waiter = build.attach(log)
+        from_cache = await waiter
+        return BuildResult(tag, from_cache, started_ms, self._now_ms())
+
+    async def _run_build(self, build: _InFlight, inputs: BuildInputs) -> None:
+        tag = build.tag
+        result: bool | BaseException
+        try:
+            await self._images.removal(tag)
+            if await self._pool.run(self._image_exists, tag):
+                build.emit([f"using cached image {tag}"])
+                result = True
+            else:
+                build.emit([f"building image {tag}"])
+                start = self._reactor.seconds()
+                await self._pool.run(self._docker_build, build, inputs)
+                self.log.info(
+                    "built image {tag} in {ms} ms",
+                    tag=tag,
+                    ms=int((self._reactor.seconds() - start) * 1000),
+                )
+                result = False
+            self._images.touch(tag)
+        except BuildError as e:
+            self.log.info("image build of {tag} failed: {error}", tag=tag, error=str(e))
+            result = e
+        except Exception as e:
+            self.log.failure("image build of {tag} crashed", tag=tag)
+            result = BuildError(f"image build failed: {one_line(e)}")
+        del self._inflight[tag]
+        build.finish(result)
+
+    def _collect_inputs(self, project_dir: Path, extras: list[str], pip_packages: list[str]) -> BuildInputs:
+        """Blocking: reads the project files and asks the engine for the base id."""
+        pyproject = read_project_file(project_dir / "pyproject.toml")
+        uv_lock = read_project_file(project_dir / "uv.lock") if pyproject is not None else None
+        try:
+            base_id = self._docker().api.inspect_image(self._base_image)["Id"]
+        except docker.errors.ImageNotFound as e:
+            raise BuildError(f"image build failed: base image {self._base_image} not found locally") from e
+        except docker.errors.DockerException as e:
+            raise BuildError(f"image build failed: docker engine: {one_line(e)}") from e
+        try:
+            ca_sha256 = None if self._ca_bundle is None else file_sha256(self._ca_bundle)
+        except OSError as e:
+            raise BuildError(
+                f"image build failed: cannot read the CA bundle {self._ca_bundle}: {e.strerror}"
+            ) from e
+        inputs = BuildInputs(
+            base_image_id=base_id,
+            pyproject=pyproject,
+            uv_lock=uv_lock,
+            extras=tuple(extras),
+            pip_packages=tuple(pip_packages),
+            runner_sha256=runner_version(),
+            uv_version=self._uv()[1],
+            index_url=self._index_url,
+            extra_index_urls=self._extra_index_urls,
+            ca_sha256=ca_sha256,
+            repository=self._repository,
+        )
+        # Parses pyproject.toml (may raise InvalidBundle) here, off the reactor.
+        if extras and inputs.dependency_mode == "none":
+            raise BuildError("extras requested but the bundle's pyproject.toml has no [project] table")
+        inputs.key  # noqa: B018 -- computed once, here
+        return inputs
+
+    def _image_exists(self, tag: str) -> bool:
+        try:
+            self._docker().api.inspect_image(tag)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    def _docker_build(self, build: _InFlight, inputs: BuildInputs) -> None:
+        """Blocking: writes the context, runs the build, streams its lines to
+        the waiters (through the reactor thread)."""
+        uv_bin, _ = self._uv()
+        context = prepare_context(self._work_dir, inputs, uv_bin, self._ca_bundle)
+        output = BuildOutput()
+
+        def emit(lines: list[str]) -> None:
+            if lines:
+                self._reactor.callFromThread(build.emit, lines)
+
+        try:
+            stream = self._docker().api.build(
+                path=str(context),
+                tag=inputs.tag,
+                rm=True,
+                forcerm=True,
+                decode=True,
+                pull=False,
+                labels=inputs.labels(),
+            )
+            for chunk in stream:
+                if "stream" in chunk:
+                    emit(output.feed(str(chunk["stream"])))
+                elif "error" in chunk or "errorDetail" in chunk:
+                    emit(output.flush())
+                    detail = chunk.get("errorDetail") or {}
+                    message = str(detail.get("message") or chunk.get("error") or "")
+                    raise BuildError(output.failure(message))
+                elif "status" in chunk:
+                    emit([str(chunk["status"])])
+            emit(output.flush())
+        except BuildError:
+            raise
+        except Exception as e:  # docker-py and requests errors alike
+            raise BuildError(f"image build failed: docker engine: {one_line(e)}") from e
+        finally:
+            shutil.rmtree(context, ignore_errors=True)
+        if not self._image_exists(inputs.tag):
+            raise BuildError(f"image build failed: {inputs.tag} missing after the build")
+
+    # --- leases and gc (fluster_worker.image_gc) ------------------------------
+
+    def lease(self, tag: str) -> Callable[[], None]:
+        """Mark tag in use (gc keeps it); call the returned function, once or
+        more, to release it."""
+        return self._images.lease(tag)
+
+    def gc(self) -> Deferred[list[str]]:
+        """Remove job images, oldest-unused first, until at most max_images and
+        max_image_bytes remain; never a leased or building one. Fires with the
+        removed tags. See `ImageGC.gc`."""
+        return self._images.gc()
+
+    # --- helpers --------------------------------------------------------------
+
+    def _docker(self) -> docker.DockerClient:
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._client_factory()
+            return self._client
+
+    def _uv(self) -> tuple[Path, str]:
+        """Blocking, cached: the uv binary copied into images and its version."""
+        with self._uv_lock:
+            if self._uv_bin is None:
+                import uv
+
+                self._uv_bin = Path(uv.find_uv_bin())
+            if self._uv_version is None:
+                out = subprocess.run(
+                    [str(self._uv_bin), "--version"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    timeout=60,
+                    env={"PATH": "/usr/bin:/bin"},
+                )
+                self._uv_version = out.stdout.strip()
+            return self._uv_bin, self._uv_version
+
+    def _now_ms(self) -> int:
+        return int(self._reactor.seconds() * 1000)

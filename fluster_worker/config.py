@@ -1,0 +1,39 @@
+"""WorkerConfig: every option of the worker, typed, with its default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    listen: str = "tcp:8080:interface=127.0.0.1"
+    cache_dir: Path = Path("/var/cache/fluster-worker")
+    state_dir: Path = Path("/var/lib/fluster-worker")
+    worker_id: str | None = None
+    controller: str | None = None
+    advertise_host: str | None = None
+    base_image: str = "fluster-base:bookworm"
+    max_concurrent_jobs: int = 4
+    port_range: tuple[int, int] = (30000, 39999)
+    ca_bundle: Path | None = None
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 2**20
+    retention_count: int = 1000
+    retention_seconds: float = 7 * 24 * 3600
+    log_max_stream_bytes: int = 100 * 2**20
+    bundle_cache_bytes: int = 10 * 2**30
+    max_images: int = 50
+    max_image_bytes: int = 50 * 2**30
+    heartbeat_seconds: float = 10.0
+    advertise_cpu: int | None = None
+    advertise_memory: str | None = None
+    docker_path: str = "docker"
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cpu_count(self) -> int:
+        return self.advertise_cpu or len(os.sched_getaffinity(0))

@@ -1,0 +1,466 @@
+"""FetchLogs over the files of disk.py: validation, hostile regexes, and the
+merge of a job's segments in (timestamp_ms, seq) order. Runs in the pool.
+
+The job's order is the merge of its segments (each sorted by (timestamp, seq),
+see disk.py) by (timestamp_ms, seq); a source whose cap dropped lines also holds
+one virtual marker line, ``[fluster: N lines (M bytes) of stdout dropped]``,
+between its head and its tail, at the timestamp and seq of the first dropped
+line. Every filter of LogQuery is a cut of that order, found per segment by
+binary search on the fixed-width index; ``start_line`` selects the entry of that
+rank across segments (reading the keys of the first or last |N| entries of each
+segment when N is within 4096 of an end, e.g. a tail, else by binary search on
+(timestamp_ms, seq)). So a query reads the index entries it bisects plus the
+lines it returns (and, with a regex, the lines it scans): O(answer), not O(log);
+``LogStore.bytes_read`` counts what queries read. The ``sources`` filter only
+opens those sources' segments; the ``after_seq`` cursor cuts after the key of
+the entry with that seq (if the cap dropped it since: after the newest entry
+that arrived before it).
+
+``max_lines`` never splits a millisecond. Existing clients poll with
+``start_ms`` = the timestamp_ms of the last entry they saw, which is exclusive:
+an answer cut by ``max_lines`` in the middle of the entries sharing a
+timestamp_ms X would make them skip the rest of X for good. So when the entry
+after the cut (among the matching ones: after every other filter, regex
+included) has the timestamp_ms of the answer's last entry, that partial last
+millisecond group is dropped and the answer has fewer than ``max_lines``
+entries; if that would leave nothing (one millisecond holds more than
+``max_lines`` matching entries), the answer is that whole group instead, more
+than ``max_lines`` entries (losing lines is worse). Finding out reads past the
+cut only while the timestamp_ms stays that of the last entry (plus one entry),
+so the cost stays O(answer + that group). Paging with ``after_seq`` is exact
+within a millisecond, so pages asked for with a cursor are cut at
+``max_lines`` exactly, as before.
+
+Regexes are untrusted: at most 1024 characters, compiled by RE2 (linear-time
+matching, no backtracking, memory bounded by ``max_mem`` = 8 MiB, not kept in
+re2's cache), searched (not full match) on each line's UTF-8 data. A scan runs
+on a pool thread, which cannot be interrupted: it looks at the clock every 256
+lines and, past its budget (LogStore's ``query_budget_s``, 5 s), raises
+LogQueryTimeout rather than answer a list that silently misses matches.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import re2
+
+from fluster_worker.logs.disk import ENTRY, JobView, from_disk, segment_paths
+from fluster_worker.logs.model import (
+    MAX_REGEX_CHARS,
+    SOURCES,
+    InvalidLogQuery,
+    LogLine,
+    LogQuery,
+    LogQueryTimeout,
+)
+
+_BLOCK = 1024  # entries read at a time while scanning
+_SMALL_RANK = 4096  # ranks this close to either end are selected by reading keys
+_CHECK_EVERY = 256  # lines scanned between two looks at the clock
+_MS = 1_000_000
+_REGEX_MAX_MEM = 8 << 20
+
+
+@dataclass
+class ReadStats:
+    bytes: int = 0
+    reads: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated query."""
+
+    query: LogQuery
+    regex: Any  # a compiled re2 pattern, or None
+    sources: tuple[str, ...]
+
+
+def compile_query(q: LogQuery) -> Plan:
+    """Validate ``q``; raise InvalidLogQuery (one line) if it cannot be run."""
+    if q.sources is None:
+        sources = SOURCES
+    else:
+        unknown = sorted(set(q.sources) - set(SOURCES))
+        if unknown:
+            raise InvalidLogQuery(f"unknown log source {unknown[0][:40]!r}: use {', '.join(SOURCES)}")
+        sources = tuple(s for s in SOURCES if s in q.sources)
+    regex = compile_regex(q.regex) if q.regex else None
+    return Plan(q, regex, sources)
+
+
+def compile_regex(pattern: str) -> Any:
+    if not isinstance(pattern, str):
+        raise InvalidLogQuery("regex must be a string")
+    if len(pattern) > MAX_REGEX_CHARS:
+        raise InvalidLogQuery(f"regex is {len(pattern)} characters long; the limit is {MAX_REGEX_CHARS}")
+    options = re2.Options()
+    options.log_errors = False
+    options.never_capture = True
+    options.max_mem = _REGEX_MAX_MEM
+    try:
+        compiled = re2.compile(pattern, options)
+    except Exception as e:  # re2.error, or anything else a hostile pattern provokes
+        reason = e.args[0] if e.args else e
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise InvalidLogQuery(f"invalid regex: {' '.join(str(reason).split())[:200]}") from None
+    finally:
+        # re2 keeps the last 128 patterns compiled by re2.compile; untrusted
+        # patterns must not pin up to 128 x max_mem of memory.
+        re2.purge()
+    return compiled
+
+
+# -- the segments of a job as sorted runs ----------------------------------------------
+
+
+class _Run:
+    """A sorted run of lines: a segment's index and data, or one virtual line."""
+
+    source: str
+    length: int
+    stamps: Sequence[int]  # for bisect: timestamp_ns of each line
+    seqs: Sequence[int]
+
+    def read(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int], list[bytes]]:
+        raise NotImplementedError
+
+    def keys(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _Column(Sequence[int]):
+    """One field of a segment's index, read entry by entry (for bisect)."""
+
+    def __init__(self, run: _SegmentRun, field: int) -> None:
+        self._run = run
+        self._field = field
+
+    def __len__(self) -> int:
+        return self._run.length
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            raise TypeError("no slices")
+        if i < 0:
+            i += self._run.length
+        return self._run.entry(i)[self._field]
+
+
+class _SegmentRun(_Run):
+    def __init__(self, view: JobView, source: str, number: int, length: int, stats: ReadStats) -> None:
+        self.source = source
+        self.length = length
+        self._stats = stats
+        idx_path, dat_path = segment_paths(view.directory, source, number)
+        self._idx = os.open(idx_path, os.O_RDONLY)
+        try:
+            self._dat = os.open(dat_path, os.O_RDONLY)
+        except BaseException:
+            os.close(self._idx)
+            raise
+        self.stamps = _Column(self, 0)
+        self.seqs = _Column(self, 1)
+
+    def _pread(self, fd: int, size: int, offset: int) -> bytes:
+        raw = os.pread(fd, size, offset)
+        self._stats.bytes += len(raw)
+        self._stats.reads += 1
+        if len(raw) != size:
+            raise OSError(f"short read of a log segment of {self.source}")
+        return raw
+
+    def entry(self, i: int) -> tuple[int, int, int]:
+        e = from_disk(self._pread(self._idx, ENTRY, i * ENTRY))
+        return e[0], e[1], e[2]
+
+    def _entries(self, start: int, stop: int) -> Any:
+        first = max(start - 1, 0)  # the end of the line before ``start`` is its start
+        return first, from_disk(self._pread(self._idx, (stop - first) * ENTRY, first * ENTRY))
+
+    def keys(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int]]:
+        if start >= stop:
+            return [], []
+        entries = from_disk(self._pread(self._idx, (stop - start) * ENTRY, start * ENTRY))
+        return entries[0::3], entries[1::3]
+
+    def read(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int], list[bytes]]:
+        if start >= stop:
+            return [], [], []
+        first, entries = self._entries(start, stop)
+        ends = entries[2::3]
+        if first < start:
+            begin = ends[0]
+            ends = ends[1:]
+            entries = entries[3:]
+        else:
+            begin = 0
+        data = self._pread(self._dat, ends[-1] - begin, begin)
+        lines = []
+        position = 0
+        for end in ends:
+            end -= begin
+            lines.append(data[position : end - 1])
+            position = end
+        return entries[0::3], entries[1::3], lines
+
+    def close(self) -> None:
+        os.close(self._idx)
+        os.close(self._dat)
+
+
+class _MarkerRun(_Run):
+    def __init__(self, source: str, lines: int, size: int, seq: int, timestamp_ns: int) -> None:
+        self.source = source
+        self.length = 1
+        self.stamps = [timestamp_ns]
+        self.seqs = [seq]
+        text = f"[fluster: {lines} lines ({size} bytes) of {source} dropped]"
+        self._data = text.encode()
+
+    def keys(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int]]:
+        return self.stamps[start:stop], self.seqs[start:stop]
+
+    def read(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int], list[bytes]]:
+        return self.stamps[start:stop], self.seqs[start:stop], [self._data][start:stop]
+
+
+def open_runs(view: JobView, sources: Sequence[str], stats: ReadStats) -> list[_Run]:
+    runs: list[_Run] = []
+    try:
+        for segment in view.segments:
+            if segment.source in sources and segment.entries:
+                runs.append(_SegmentRun(view, segment.source, segment.number, segment.entries, stats))
+        for drop in view.drops:
+            if drop.source in sources and drop.first_seq >= 0:
+                runs.append(_MarkerRun(drop.source, drop.lines, drop.bytes, drop.first_seq, drop.first_ts_ns))
+    except BaseException:
+        for run in runs:
+            run.close()
+        raise
+    return runs
+
+
+# -- cuts ----------------------------------------------------------------------------
+
+
+def _count_le_ms(run: _Run, ms: int) -> int:
+    """Lines of ``run`` with timestamp_ms <= ms."""
+    return bisect_left(run.stamps, (ms + 1) * _MS)
+
+
+def _count_lt_key(run: _Run, ms: int, seq: int) -> int:
+    """Lines of ``run`` before the key (ms, seq)."""
+    low = bisect_left(run.stamps, ms * _MS)
+    high = bisect_left(run.stamps, (ms + 1) * _MS, low)
+    return bisect_left(run.seqs, seq, low, high)
+
+
+def _select(runs: list[_Run], rank: int) -> list[int]:
+    """Per run, how many of its lines are among the first ``rank`` of the merge."""
+    total = sum(r.length for r in runs)
+    if rank <= 0:
+        return [0] * len(runs)
+    if rank >= total:
+        return [r.length for r in runs]
+    if len(runs) == 1:
+        return [rank]
+    if rank <= _SMALL_RANK:
+        keyed = [
+            [(ts // _MS, seq, i) for ts, seq in zip(*r.keys(0, min(rank, r.length)), strict=True)]
+            for i, r in enumerate(runs)
+        ]
+        counts = [0] * len(runs)
+        for _, _, i in heapq.nsmallest(rank, (k for ks in keyed for k in ks)):
+            counts[i] += 1
+        return counts
+    if total - rank <= _SMALL_RANK:
+        keep = total - rank
+        keyed = []
+        for i, r in enumerate(runs):
+            start = max(r.length - keep, 0)
+            keyed.append([(ts // _MS, seq, i) for ts, seq in zip(*r.keys(start, r.length), strict=True)])
+        counts = [r.length for r in runs]
+        for _, _, i in heapq.nlargest(keep, (k for ks in keyed for k in ks)):
+            counts[i] -= 1
+        return counts
+    # The key (ms, seq) of the line of this rank, by binary search on ms, then seq.
+    low_ms = min(r.stamps[0] for r in runs) // _MS
+    high_ms = max(r.stamps[r.length - 1] for r in runs) // _MS
+    while low_ms < high_ms:
+        mid = (low_ms + high_ms) // 2
+        if sum(_count_le_ms(r, mid) for r in runs) > rank:
+            high_ms = mid
+        else:
+            low_ms = mid + 1
+    low_seq = 0
+    high_seq = max(r.seqs[r.length - 1] for r in runs)
+    while low_seq < high_seq:
+        mid = (low_seq + high_seq) // 2
+        if sum(_count_lt_key(r, low_ms, mid + 1) for r in runs) > rank:
+            high_seq = mid
+        else:
+            low_seq = mid + 1
+    return [_count_lt_key(r, low_ms, low_seq) for r in runs]
+
+
+def _after(runs: list[_Run], seq: int) -> list[int]:
+    """Per run, how many of its lines come no later than the line ``seq``. If that
+    line is gone (dropped by the cap), the latest line that arrived before it stands
+    in for it."""
+    key: tuple[int, int] | None = None
+    for r in runs:
+        i = bisect_left(r.seqs, seq)
+        if i < r.length and r.seqs[i] == seq:
+            key = (r.stamps[i] // _MS, seq)
+            break
+        if i > 0:
+            candidate = (r.stamps[i - 1] // _MS, r.seqs[i - 1])
+            key = candidate if key is None else max(key, candidate)
+    if key is None:
+        return [0] * len(runs)
+    return [_count_lt_key(r, key[0], key[1] + 1) for r in runs]
+
+
+# -- running -------------------------------------------------------------------------
+
+_Row = tuple[int, int, int, bytes, str]  # timestamp_ms, seq, timestamp_ns, data, source
+
+
+def _lines(run: _Run, start: int, stop: int, first_block: int) -> Iterator[_Row]:
+    """The lines [start, stop) of ``run``, read in blocks that double from
+    ``first_block`` up to _BLOCK (a short answer reads little more than itself)."""
+    source = run.source
+    size = first_block
+    while start < stop:
+        end = min(start + size, stop)
+        stamps, seqs, lines = run.read(start, end)
+        for ts, seq, data in zip(stamps, seqs, lines, strict=True):
+            yield ts // _MS, seq, ts, data, source
+        start = end
+        size = min(size * 2, _BLOCK)
+
+
+class _Scan:
+    """The matching entries of a merged stream of rows, in order, with the scan
+    budget of a regex search."""
+
+    def __init__(self, rows: Iterator[_Row], regex: Any, budget_s: float, clock: Callable[[], float]) -> None:
+        self._rows = rows
+        self._search = regex.search if regex is not None else None
+        self._budget_s = budget_s
+        self._clock = clock
+        self._deadline = clock() + budget_s
+        self._scanned = 0
+
+    def next(self, within_ms: int | None = None) -> _Row | None:
+        """The next matching row; None at the end, or (with ``within_ms``) at the
+        first row, matching or not, of another millisecond (it is consumed)."""
+        search = self._search
+        for row in self._rows:
+            if within_ms is not None and row[0] != within_ms:
+                return None
+            if search is None:
+                return row
+            self._scanned += 1
+            found = search(row[3]) is not None
+            if self._scanned % _CHECK_EVERY == 0 and self._clock() > self._deadline:
+                raise LogQueryTimeout(
+                    f"log search stopped after {self._budget_s:g} s having scanned {self._scanned} lines; "
+                    "narrow it with start_line, start_ms, end_ms or max_lines"
+                )
+            if found:
+                return row
+        return None
+
+    def take(self, limit: int) -> list[_Row]:
+        """Up to ``limit`` (all if negative) matching rows."""
+        if self._search is None:
+            return list(self._rows if limit < 0 else islice(self._rows, limit))
+        out: list[_Row] = []
+        while len(out) != limit:
+            row = self.next()
+            if row is None:
+                break
+            out.append(row)
+        return out
+
+
+def _whole_last_millisecond(out: list[_Row], scan: _Scan) -> list[_Row]:
+    """The group rule (see the module doc) for an answer ``out`` cut at max_lines."""
+    last_ms = out[-1][0]
+    following = scan.next(within_ms=last_ms)
+    if following is None:
+        return out  # the cut falls between two milliseconds
+    first = len(out) - 1
+    while first > 0 and out[first - 1][0] == last_ms:
+        first -= 1
+    if first > 0:
+        return out[:first]  # drop the partial group
+    # One millisecond holds more matching entries than max_lines: all of them.
+    out.append(following)
+    while (row := scan.next(within_ms=last_ms)) is not None:
+        out.append(row)
+    return out
+
+
+def _to_lines(rows: list[_Row]) -> list[LogLine]:
+    return [LogLine(ts, source, data.decode("utf-8", "replace"), seq) for _, seq, ts, data, source in rows]
+
+
+def run_query(
+    view: JobView,
+    plan: Plan,
+    stats: ReadStats,
+    budget_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[LogLine]:
+    """Answer ``plan`` from the committed lines of ``view``."""
+    q = plan.query
+    runs = open_runs(view, plan.sources, stats)
+    try:
+        if not runs:
+            return []
+        total = sum(r.length for r in runs)
+        if q.start_line >= 0:
+            starts = _select(runs, q.start_line)
+        else:
+            starts = _select(runs, total + q.start_line)
+        if q.start_ms > 0:
+            starts = [max(s, _count_le_ms(r, q.start_ms)) for s, r in zip(starts, runs, strict=True)]
+        if q.after_seq is not None:
+            starts = [max(s, c) for s, c in zip(starts, _after(runs, q.after_seq), strict=True)]
+        stops = [r.length for r in runs]
+        if q.end_ms > 0:
+            stops = [_count_le_ms(r, q.end_ms) for r in runs]
+        limit = q.max_lines if q.max_lines > 0 else -1
+        # One entry more than the answer is read at once: the group rule looks at it.
+        first_block = 64 if plan.regex is not None else (min(limit + 1, _BLOCK) if limit > 0 else _BLOCK)
+        streams = [
+            _lines(r, start, stop, first_block)
+            for r, start, stop in zip(runs, starts, stops, strict=True)
+            if start < stop
+        ]
+        if not streams:
+            return []
+        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams)
+        scan = _Scan(merged, plan.regex, budget_s, clock)
+        out = scan.take(limit)
+        if len(out) == limit and q.after_seq is None:
+            out = _whole_last_millisecond(out, scan)
+        return _to_lines(out)
+    finally:
+        for r in runs:
+            r.close()

@@ -1,0 +1,500 @@
+"""LogFollower: a running container's output into its JobLog, through
+``docker logs --follow --timestamps``, with no line lost and none stored twice.
+
+The tail is a child process (spawned by the injected ``spawnProcess``-compatible
+callable, with an absolute docker path and an explicit environment); the
+container's stdout arrives on its stdout and the container's stderr on its stderr
+(containers have no TTY). Each stream has its own StreamParser (lines.py).
+
+No gap, no duplicate: the follower remembers, per stream, the timestamp of the
+last line it stored and how many stored lines of that stream carry it. When the
+tail ends:
+
+* exit 0 means the container's output ended: the unfinished last line (output
+  without a final newline) is a line, and ``is_running()`` is asked. If the
+  container still runs, the tail is restarted (below). If not, the follower
+  checks that the container's last log entries (``docker logs --tail 16
+  --timestamps``) end each stream as its stored lines do: Docker 20.10's ``logs
+  -f`` sometimes exits 0 before it has sent everything when a container exits
+  while the tail lags behind. Docker sends entries in file order, so the last
+  one being stored means all are; otherwise (or when unsure) one more tail,
+  without ``--follow``, reads the rest. Then the JobLog is flushed (fdatasync)
+  and ``follow()``'s Deferred fires. Only then may the container be removed.
+* otherwise (killed, daemon error) the unfinished line is dropped, and the tail is
+  restarted with ``--since`` = the oldest of the streams' last timestamps minus
+  ``resume_margin_s`` (1 s: a stream with no line yet may have one stamped a little
+  before the other stream's last line). Per stream, re-delivered lines older than
+  its last stored timestamp are skipped, then as many lines with exactly that
+  timestamp as were stored, and everything after is stored. This relies on each
+  stream's timestamps never decreasing (Docker stamps them in order; a backwards
+  step of the host clock during a restart could duplicate a few lines).
+
+A follower started on a JobLog that already has container lines (a worker restart)
+resumes the same way from what the store holds (``JobLog.resume_point``).
+
+Restarts that store nothing and end badly back off (0.1 s doubling to 5 s); after
+``max_failures`` of them in a row ``follow()`` fails with LogTailError, naming the
+CLI's last message. ``stop()`` (worker shutdown) kills the tail; ``follow()`` then
+fails with FollowStopped once the lines received so far are flushed.
+
+Back-pressure: while more than ``max_pending_bytes`` appended bytes wait for the
+disk, the tail's pipes are not read (so memory stays bounded and Docker waits).
+Batching: the docker CLI writes each log message with its own write(); after a
+read that drained a pipe, reading pauses for ``read_delay_s`` (5 ms) so that the
+next reads find full pipes (the reactor wakes up per 8 KiB, not per line).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fluster_worker.logs.lines import StreamParser, format_since
+from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
+from fluster_worker.logs.store import JobLog, _DelayedCall
+
+_ENV_KEYS = (
+    "PATH",
+    "HOME",
+    "DOCKER_HOST",
+    "DOCKER_CONFIG",
+    "DOCKER_CONTEXT",
+    "DOCKER_CERT_PATH",
+    "DOCKER_TLS_VERIFY",
+    "XDG_RUNTIME_DIR",
+)
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_FDS = {1: "stdout", 2: "stderr"}
+_FULL_READ = 8192  # what Twisted's process reader asks for at a time
+_CHECK_LINES = 16  # entries compared when the container has exited
+
+
+class LogTailError(Exception):
+    """``docker logs`` kept failing; the container's remaining output is unknown."""
+
+
+class FollowStopped(Exception):
+    """``stop()`` was called before the container's output ended."""
+
+
+def default_env() -> dict[str, str]:
+    """The environment for the docker CLI: what it needs from ours, nothing else."""
+    env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    return env
+
+
+class _Stream:
+    __slots__ = ("source", "parser", "last_ts", "count", "skip_ts", "skip_left", "recent")
+
+    def __init__(self, source: str, max_line_bytes: int) -> None:
+        self.source = source
+        self.parser = StreamParser(max_line_bytes)
+        self.last_ts: int | None = None  # timestamp of the last stored line
+        self.count = 0  # stored lines of this stream with that timestamp
+        self.skip_ts: int | None = None  # after a restart: skip up to (skip_ts, skip_left)
+        self.skip_left = 0
+        self.recent: list[tuple[int, bytes]] = []  # the newest stored lines
+
+
+class _TailProtocol(ProcessProtocol):
+    def __init__(self, follower: LogFollower) -> None:
+        self.follower = follower
+        self.pauses: set[str] = set()  # why the pipes are not being read
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.follower._received(self, childFD, data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.follower._ended(self, reason)
+
+    def pause(self, reason: str) -> None:
+        if not self.pauses:
+            transport: Any = self.transport
+            transport.pauseProducing()
+        self.pauses.add(reason)
+
+    def unpause(self, reason: str) -> None:
+        if reason in self.pauses:
+            self.pauses.discard(reason)
+            if not self.pauses and self.transport is not None:
+                transport: Any = self.transport
+                transport.resumeProducing()
+
+
+class _LastEntriesProtocol(ProcessProtocol):
+    """Collects the output of ``docker logs --tail N`` (at most 4 MiB a stream)."""
+
+    limit = 4 << 20
+
+    def __init__(self) -> None:
+        self.output: dict[int, bytes] = {1: b"", 2: b""}
+        self.overflow = False
+        self.done: Deferred[bool] = Deferred()
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD in self.output:
+            if len(self.output[childFD]) + len(data) > self.limit:
+                self.overflow = True
+            else:
+                self.output[childFD] += data
+
+    def processEnded(self, reason: Failure) -> None:
+        self.done.callback(reason.check(ProcessDone) is not None and not self.overflow)
+
+
+class LogFollower:
+    """Follows one container's output into ``job_log`` (see the module doc)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        spawn_process: Callable[..., Any],
+        docker_path: str,
+        job_log: JobLog,
+        container_id: str,
+        is_running: Callable[[], Deferred[bool]],
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        env: Mapping[str, str] | None = None,
+        resume: bool = True,
+        resume_margin_s: float = 1.0,
+        max_failures: int = 8,
+        max_pending_bytes: int = 64 * 2**20,
+        read_delay_s: float = 0.005,
+    ) -> None:
+        if not os.path.isabs(docker_path):
+            raise ValueError(f"docker_path must be absolute, not {docker_path!r}")
+        if not container_id or container_id.startswith("-") or not container_id.isprintable():
+            raise ValueError(f"invalid container id {container_id[:80]!r}")
+        self._reactor = reactor
+        self._spawn = spawn_process
+        self._docker = docker_path
+        self._job_log = job_log
+        self._container_id = container_id
+        self._is_running = is_running
+        self._max_line_bytes = max_line_bytes
+        self._env = dict(env) if env is not None else default_env()
+        self._resume = resume
+        self._margin_ns = int(resume_margin_s * 1e9)
+        self._max_failures = max_failures
+        self._max_pending = max_pending_bytes
+        self._read_delay = read_delay_s
+        self._streams = {fd: _Stream(source, max_line_bytes) for fd, source in _FDS.items()}
+        # IDLE -> STARTING -> TAILING <-> (CHECKING | WAITING) -> DONE
+        self._state = "idle"
+        self._protocol: _TailProtocol | None = None
+        self._timer: _DelayedCall | None = None
+        self._stopping = False
+        self._failures = 0
+        self._progress = False
+        self._draining = False  # the container has exited: tails no longer --follow
+        self._attempts = 0
+        self._last_message = ""
+        self._waiters: list[Deferred[None]] = []
+        self._result: Failure | None = None
+
+    # -- public ------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the running ``docker logs`` process, if any."""
+        if self._protocol is None or self._protocol.transport is None:
+            return None
+        return getattr(self._protocol.transport, "pid", None)
+
+    @property
+    def attempts(self) -> int:
+        """How many ``docker logs`` processes were started so far."""
+        return self._attempts
+
+    def follow(self) -> Deferred[None]:
+        """Fires once the container has exited and all its lines are stored and
+        synced; fails with LogTailError or FollowStopped."""
+        if self._state == "done":
+            return succeed(None) if self._result is None else fail(self._result)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        if self._state == "idle":
+            self._state = "starting"
+            Deferred.fromCoroutine(self._start()).addErrback(self._crashed)
+        return d
+
+    def stop(self) -> None:
+        """Kill the tail (worker shutdown); ``follow()`` then fails with FollowStopped."""
+        if self._stopping or self._state in ("done", "idle"):
+            if self._state == "idle":
+                self._state = "done"
+                self._result = Failure(FollowStopped(f"following {self._short} was stopped"))
+            return
+        self._stopping = True
+        if self._state == "tailing" and self._protocol is not None and self._protocol.transport is not None:
+            transport: Any = self._protocol.transport
+            try:
+                transport.signalProcess("KILL")
+            except Exception:  # already gone: processEnded is on its way
+                pass
+        elif self._state == "waiting":
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            self._finish_stopped()
+        # starting / checking: noticed when that step completes
+
+    # -- the tail process ---------------------------------------------------------------
+
+    @property
+    def _short(self) -> str:
+        return f"container {self._container_id[:12]}"
+
+    async def _start(self) -> None:
+        if self._resume:
+            for stream in self._streams.values():
+                point = await self._job_log.resume_point(stream.source)
+                if point is not None:
+                    stream.last_ts, stream.count = point
+        if self._stopping:
+            self._finish_stopped()
+            return
+        self._spawn_tail()
+
+    def _spawn_tail(self) -> None:
+        known = [s.last_ts for s in self._streams.values() if s.last_ts is not None]
+        args = [self._docker, "logs", "--timestamps"]
+        if not self._draining:
+            args.insert(2, "--follow")
+        if known:
+            since = max(min(known) - self._margin_ns, 0)
+            args += ["--since", format_since(since)]
+        for stream in self._streams.values():
+            stream.parser = StreamParser(self._max_line_bytes)
+            stream.skip_ts = stream.last_ts
+            stream.skip_left = stream.count
+        args += ["--", self._container_id]
+        self._protocol = _TailProtocol(self)
+        self._progress = False
+        self._attempts += 1
+        self._state = "tailing"
+        self.log.debug("tailing {cid}: {args}", cid=self._container_id, args=args[1:])
+        try:
+            self._spawn(self._protocol, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
+        except Exception as e:
+            self._protocol = None
+            self._last_message = f"cannot run {self._docker}: {e}"
+            self.log.failure("spawning docker logs for {cid} failed", cid=self._container_id)
+            self._after_attempt(clean=False)
+
+    def _received(self, protocol: _TailProtocol, fd: int, data: bytes) -> None:
+        stream = self._streams.get(fd)
+        if protocol is not self._protocol or stream is None:
+            return
+        try:
+            stamps, lines = stream.parser.feed(data)
+            self._store(stream, stamps, lines)
+            self._diagnostics(stream)
+        except Exception:
+            self.log.failure("parsing the logs of {cid} failed", cid=self._container_id)
+        if "disk" not in protocol.pauses and self._job_log.pending_bytes > self._max_pending:
+            protocol.pause("disk")
+            self._job_log.flush(sync=False).addBoth(lambda _: protocol.unpause("disk"))
+        if len(data) < _FULL_READ and self._read_delay > 0 and "batch" not in protocol.pauses:
+            # The pipe is drained: let it fill for a moment rather than waking up
+            # for every few lines docker writes (see the module doc).
+            protocol.pause("batch")
+            self._reactor.callLater(self._read_delay, protocol.unpause, "batch")
+
+    def _store(self, stream: _Stream, stamps: list[int], lines: list[bytes]) -> None:
+        if not lines:
+            return
+        if stream.skip_ts is not None:
+            # After a restart: drop what this stream already stored (see the module doc).
+            i, n = 0, len(stamps)
+            while i < n:
+                ts = stamps[i]
+                if ts < stream.skip_ts:
+                    i += 1
+                elif ts == stream.skip_ts and stream.skip_left > 0:
+                    stream.skip_left -= 1
+                    i += 1
+                else:
+                    stream.skip_ts = None  # the first line not stored before
+                    break
+            if i:
+                stamps, lines = stamps[i:], lines[i:]
+            if not lines:
+                return
+        last = stamps[-1]
+        same = 1
+        while same < len(stamps) and stamps[-1 - same] == last:
+            same += 1
+        if same == len(stamps) and last == stream.last_ts:
+            stream.count += same
+        else:
+            stream.count = same
+        stream.last_ts = last
+        stream.recent = (stream.recent + list(zip(stamps[-_CHECK_LINES:], lines[-_CHECK_LINES:], strict=True)))[
+            -_CHECK_LINES:
+        ]
+        self._progress = True
+        self._job_log.append_batch(stream.source, stamps, lines)
+
+    def _diagnostics(self, stream: _Stream) -> None:
+        for message in stream.parser.take_diagnostics():
+            self._last_message = message
+            self.log.warn("docker logs {cid}: {message}", cid=self._container_id, message=message)
+
+    def _ended(self, protocol: _TailProtocol, reason: Failure) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        clean = reason.check(ProcessDone) is not None and not self._stopping
+        for stream in self._streams.values():
+            if clean:
+                stamps, lines = stream.parser.finish()
+                self._store(stream, stamps, lines)
+            else:
+                stream.parser.discard()
+            self._diagnostics(stream)
+        if not clean:
+            self.log.info(
+                "docker logs for {cid} ended: {reason}",
+                cid=self._container_id,
+                reason=reason.getErrorMessage(),
+            )
+        self._after_attempt(clean)
+
+    def _after_attempt(self, clean: bool) -> None:
+        if self._stopping:
+            self._finish_stopped()
+            return
+        if self._progress:
+            self._failures = 0
+        if clean and self._draining:
+            Deferred.fromCoroutine(self._finish(None)).addErrback(self._crashed)
+        elif clean:
+            self._state = "checking"
+            Deferred.fromCoroutine(self._check()).addErrback(self._crashed)
+        else:
+            self._retry()
+
+    async def _check(self) -> None:
+        try:
+            running = await self._is_running()
+        except Exception:
+            self.log.failure("asking whether {cid} runs failed", cid=self._container_id)
+            running = True  # unknown: follow on
+        if self._stopping:
+            self._finish_stopped()
+        elif running:
+            self._retry()
+        elif await self._complete():
+            await self._finish(None)
+        else:
+            # docker logs -f sometimes ends (exit 0) before it has sent everything
+            # when the container exits; read what is left, without --follow.
+            self.log.info("docker logs -f for {cid} ended early: reading the rest", cid=self._container_id)
+            self._draining = True
+            self._progress = True  # not a failure
+            self._retry()
+
+    async def _complete(self) -> bool:
+        """Whether the container's last log entries are stored. Docker sends
+        entries in file order, so if the last one is stored, all are. The last
+        ``_CHECK_LINES`` entries (``docker logs --tail``) must end each stream the
+        way the stored lines do (same timestamps and data, and no more lines with
+        the last timestamp than stored). Anything unclear answers False: one more
+        tail then reads the rest."""
+        check = _LastEntriesProtocol()
+        args = [self._docker, "logs", "--tail", str(_CHECK_LINES), "--timestamps", "--", self._container_id]
+        try:
+            self._spawn(check, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
+        except Exception:
+            self.log.failure("spawning docker logs --tail for {cid} failed", cid=self._container_id)
+            return False
+        if not await check.done:
+            return False
+        for fd, raw in check.output.items():
+            parser = StreamParser(self._max_line_bytes)
+            stamps, lines = parser.feed(raw)
+            more_stamps, more_lines = parser.finish()
+            window = list(zip(stamps + more_stamps, lines + more_lines, strict=True))
+            if not window:
+                continue
+            stream = self._streams.get(fd)
+            if stream is None:
+                return False
+            k = min(len(window), len(stream.recent))
+            if k == 0 or window[-k:] != stream.recent[-k:]:
+                return False
+            if sum(1 for ts, _ in window if ts == stream.last_ts) > stream.count:
+                return False  # more lines with the last timestamp than stored
+        return True
+
+    def _retry(self) -> None:
+        if not self._progress:
+            self._failures += 1
+        if self._failures > self._max_failures:
+            message = f"docker logs for {self._short} failed {self._failures} times"
+            if self._last_message:
+                message += f": {self._last_message}"
+            Deferred.fromCoroutine(self._finish(Failure(LogTailError(message)))).addErrback(self._crashed)
+            return
+        delay = 0.0 if self._failures == 0 else min(0.1 * 2 ** (self._failures - 1), 5.0)
+        self._state = "waiting"
+        self._timer = self._reactor.callLater(delay, self._restart)
+
+    def _restart(self) -> None:
+        self._timer = None
+        if self._stopping:
+            self._finish_stopped()
+        else:
+            self._spawn_tail()
+
+    def _finish_stopped(self) -> None:
+        if self._state == "done":
+            return
+        error = Failure(FollowStopped(f"following {self._short} was stopped"))
+        Deferred.fromCoroutine(self._finish(error)).addErrback(self._crashed)
+
+    async def _finish(self, result: Failure | None) -> None:
+        if self._state == "done":
+            return
+        self._state = "done"
+        try:
+            await self._job_log.flush(sync=True)
+        except Exception:
+            if result is None:
+                result = Failure()
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if result is None:
+                d.callback(None)
+            else:
+                d.errback(result)
+
+    def _crashed(self, failure: Failure) -> None:
+        self.log.failure("following {cid} crashed", failure, cid=self._container_id)
+        if self._state != "done":
+            self._state = "done"
+            self._result = failure
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.errback(failure)

@@ -1,0 +1,125 @@
+"""``twistd fluster-worker``: options and makeService.
+
+Every option can also come from the environment as ``FLUSTER_WORKER_<OPTION>``
+(upper case, dashes as underscores); the command line wins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from fluster_worker.config import WorkerConfig
+
+_DEFAULTS = WorkerConfig()
+
+# (name, short, default, help, parse)
+_OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = [
+    ("listen", "l", _DEFAULTS.listen, "Twisted endpoint to serve RPC and the dashboard on.", str),
+    ("cache-dir", None, str(_DEFAULTS.cache_dir), "Bundle and build cache directory.", Path),
+    ("state-dir", None, str(_DEFAULTS.state_dir), "Job records, logs and worker id.", Path),
+    ("worker-id", None, None, "Worker id (default: generated once, kept in the state dir).", str),
+    ("controller", None, None, "Controller address (host:port or http://host:port).", str),
+    ("advertise-host", None, None, "Host the controller and clients reach this worker at.", str),
+    ("base-image", None, _DEFAULTS.base_image, "Docker image job images are built on.", str),
+    ("max-concurrent-jobs", None, str(_DEFAULTS.max_concurrent_jobs), "Jobs building or running at once.", int),
+    ("port-range", None, "30000-39999", "Host ports handed to jobs, LOW-HIGH.", str),
+    ("ca-bundle", None, None, "Extra CA bundle (PEM) passed into image builds, e.g. for a TLS proxy.", Path),
+    ("index-url", None, None, "Python package index URL for image builds.", str),
+    ("extra-index-url", None, None, "Extra package index URLs, comma separated.", str),
+    ("max-body-bytes", None, str(_DEFAULTS.max_body_bytes), "Largest RPC request body.", int),
+    ("retention-count", None, str(_DEFAULTS.retention_count), "Finished jobs kept.", int),
+    ("retention-seconds", None, str(int(_DEFAULTS.retention_seconds)), "Age after which finished jobs go.", float),
+    ("log-max-stream-bytes", None, str(_DEFAULTS.log_max_stream_bytes), "Log cap per job and stream.", int),
+    ("bundle-cache-bytes", None, str(_DEFAULTS.bundle_cache_bytes), "Bundle cache size cap.", int),
+    ("max-images", None, str(_DEFAULTS.max_images), "Job images kept.", int),
+    ("max-image-bytes", None, str(_DEFAULTS.max_image_bytes), "Total size of job images kept.", int),
+    ("heartbeat-seconds", None, str(_DEFAULTS.heartbeat_seconds), "RegisterWorker heartbeat interval.", float),
+    ("advertise-cpu", None, None, "Cores advertised to the controller (default: this machine's).", int),
+    ("advertise-memory", None, None, 'Memory advertised, e.g. "23g" (default: this machine\'s).', str),
+    ("docker", None, "docker", "The docker CLI (used for `docker logs -f`).", str),
+]
+
+
+def env_name(option: str) -> str:
+    return "FLUSTER_WORKER_" + option.upper().replace("-", "_")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the Fluster worker: accept jobs over Connect RPC, build their images, run them in "
+        "Docker containers, keep their logs, report to the controller. Every option can also be "
+        "set as an environment variable FLUSTER_WORKER_<OPTION> (e.g. FLUSTER_WORKER_BASE_IMAGE)."
+    )
+    # Defaults are applied in postOptions, after the environment, so that
+    # "given on the command line" can be told apart from "not given".
+    optParameters = [
+        [name, short, None, f"{help_} [default: {default}; env {env_name(name)}]"]
+        for name, short, default, help_, _ in _OPTIONS
+    ]
+
+    def postOptions(self) -> None:
+        for name, _short, default, _help, _parse in _OPTIONS:
+            if self[name] is None:
+                self[name] = os.environ.get(env_name(name), default)
+        self.config = to_config(self)
+
+
+def to_config(opts: dict[str, Any]) -> WorkerConfig:
+    values: dict[str, Any] = {}
+    for name, _short, _default, _help, parse in _OPTIONS:
+        raw = opts.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            values[name] = parse(raw)
+        except ValueError:
+            raise usage.UsageError(f"--{name}: invalid value {raw!r}") from None
+    from fluster_worker.ports import parse_port_range
+
+    try:
+        port_range = parse_port_range(values.pop("port-range", "30000-39999"))
+    except ValueError as e:
+        raise usage.UsageError(f"--port-range: {e}") from None
+    extra = values.pop("extra-index-url", "")
+    if values.get("max-concurrent-jobs", 1) < 1:
+        raise usage.UsageError("--max-concurrent-jobs must be at least 1")
+    return WorkerConfig(
+        listen=values["listen"],
+        cache_dir=values["cache-dir"],
+        state_dir=values["state-dir"],
+        worker_id=values.get("worker-id"),
+        controller=values.get("controller"),
+        advertise_host=values.get("advertise-host"),
+        base_image=values["base-image"],
+        max_concurrent_jobs=values["max-concurrent-jobs"],
+        port_range=port_range,
+        ca_bundle=values.get("ca-bundle"),
+        index_url=values.get("index-url"),
+        extra_index_urls=tuple(u.strip() for u in extra.split(",") if u.strip()),
+        max_body_bytes=values["max-body-bytes"],
+        retention_count=values["retention-count"],
+        retention_seconds=values["retention-seconds"],
+        log_max_stream_bytes=values["log-max-stream-bytes"],
+        bundle_cache_bytes=values["bundle-cache-bytes"],
+        max_images=values["max-images"],
+        max_image_bytes=values["max-image-bytes"],
+        heartbeat_seconds=values["heartbeat-seconds"],
+        advertise_cpu=values.get("advertise-cpu"),
+        advertise_memory=values.get("advertise-memory"),
+        docker_path=values["docker"],
+    )
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from fluster_worker.assemble import assemble
+
+    return assemble(options.config, reactor)

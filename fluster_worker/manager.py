@@ -1,0 +1,254 @@
+"""JobManager: accepts jobs, runs each as a JobExecution, keeps their records.
+
+RunJob is answered at once; everything after is Deferred-driven. Records are
+saved under the state dir on every change, so a restarted worker still
+answers GetJobStatus and ListJobs for finished jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fluster_worker import validation
+from fluster_worker.execution import JobExecution, Toolkit
+from fluster_worker.jobstore import JobStore, ResultTooLarge
+from fluster_worker.logs import LogStore
+from fluster_worker.ports import PortAllocator, PortsExhausted
+from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.rpc.errors import Code, ConnectError
+from fluster_worker.worker_types import JobRecord, JobState
+
+StateListener = Callable[[JobRecord], None]
+
+
+class JobManager(Service):
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        kit: Toolkit,
+        logs: LogStore,
+        ports: PortAllocator,
+        worker_id: str,
+        *,
+        cpu_count: int,
+        advertised_address: Callable[[], str] = lambda: "",
+        retention_count: int = 1000,
+        retention_seconds: float = 7 * 24 * 3600,
+        max_result_bytes: int = 64 * 2**20,
+        shutdown_grace_seconds: float = 5.0,
+    ) -> None:
+        self._reactor = reactor
+        self._logs = logs
+        self._ports = ports
+        self.worker_id = worker_id
+        self._cpu_count = cpu_count
+        self._advertised_address = advertised_address
+        self._retention_count = retention_count
+        self._retention_seconds = retention_seconds
+        self._max_result_bytes = max_result_bytes
+        self._shutdown_grace = shutdown_grace_seconds
+        self._kit = replace(kit, changed=self._changed)
+        self._store: JobStore = kit.store
+        self.jobs: dict[str, JobRecord] = {}
+        self._active: dict[str, JobExecution] = {}
+        self._listeners: list[StateListener] = []
+        self._pruner = LoopingCall(self.prune)
+        self._pruner.clock = reactor
+        self._recovered = False
+        self._ready_waiters: list[Deferred[None]] = []
+
+    @property
+    def slots(self) -> DeferredSemaphore:
+        return self._kit.slots
+
+    def add_listener(self, listener: StateListener) -> None:
+        """``listener(record)`` runs on every state or phase change of any job."""
+        self._listeners.append(listener)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._recovery = Deferred.fromCoroutine(self._recover())
+        self._recovery.addErrback(lambda f: self.log.failure("recovering job records failed", f))
+
+    def ready(self) -> Deferred[None]:
+        """A new Deferred that fires once the records of a previous run are loaded
+        (the web site opens only then, so no call sees a half-loaded worker)."""
+        d: Deferred[None] = Deferred()
+        if self._recovered:
+            d.callback(None)
+        else:
+            self._ready_waiters.append(d)
+        return d
+
+    async def _recover(self) -> None:
+        removed = await self._kit.runtime.remove_orphans()
+        if removed:
+            self.log.warn("removed {count} containers left by a previous worker process", count=removed)
+        for record in await self._store.load_all():
+            if record.job_id in self.jobs:
+                continue
+            self.jobs[record.job_id] = record
+            if not record.state.terminal:
+                # The previous process died with this job unfinished: say so.
+                record.error = f"worker restarted while the job was {record.state.name}"
+                record.move(JobState.WORKER_FAILED, self._now_ms(), "worker restarted")
+                self._changed(record)
+        self._recovered = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+        self._pruner.start(60, now=True)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        if self._pruner.running:
+            self._pruner.stop()
+        stopping = [
+            execution.kill(self._shutdown_grace, JobState.WORKER_FAILED, "worker shut down")
+            for execution in list(self._active.values())
+        ]
+        return DeferredList(stopping, consumeErrors=True).addCallback(lambda _: None)
+
+    # -- RPC entry points ------------------------------------------------------
+
+    def submit(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
+        """Validate and accept a job; raises ConnectError for bad input."""
+        if not self._recovered:
+            raise ConnectError(Code.UNAVAILABLE, "the worker is starting; try again shortly")
+        job_id = validation.job_id_of(request)
+        attempt = request.attempt_id
+        existing = self.jobs.get(job_id)
+        if existing is not None:
+            if existing.attempt_id == attempt:
+                # A retried RunJob (e.g. after a controller timeout): idempotent.
+                return pb.RunJobResponse(job_id=job_id, state=int(existing.state))  # type: ignore[arg-type]
+            if not existing.state.terminal:
+                raise ConnectError(
+                    Code.ALREADY_EXISTS,
+                    f"job {job_id} is already {existing.state.name} as attempt {existing.attempt_id}",
+                )
+            if attempt < existing.attempt_id:
+                raise ConnectError(
+                    Code.ALREADY_EXISTS,
+                    f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
+                )
+        spec = validation.job_spec(request, self._cpu_count)
+        try:
+            ports = self._ports.allocate(spec.port_names)
+        except PortsExhausted as e:
+            raise ConnectError(Code.RESOURCE_EXHAUSTED, str(e)) from None
+        record = JobRecord(
+            job_id=job_id,
+            attempt_id=attempt,
+            worker_id=self.worker_id,
+            spec=spec,
+            submitted_at_ms=self._now_ms(),
+            ports=ports,
+        )
+        record.phases.append(("pending", record.submitted_at_ms))
+        self.jobs[job_id] = record
+        execution = JobExecution(record, request.serialized_entrypoint, self._kit)
+        self._active[job_id] = execution
+        cleared = self._forget_files(job_id) if existing is not None else succeed(None)
+        cleared.addCallback(lambda _: execution.start())
+        cleared.addErrback(lambda f: self.log.failure("job {job_id} crashed", f, job_id=job_id))
+        cleared.addBoth(lambda _: self._finished(job_id, execution))
+        self._changed(record)
+        self.log.info("accepted job {job_id} attempt {attempt}", job_id=job_id, attempt=attempt)
+        return pb.RunJobResponse(job_id=job_id, state=int(record.state))  # type: ignore[arg-type]
+
+    async def status(self, job_id: str, include_result: bool) -> pb.JobStatus:
+        record = self._get(job_id)
+        result = b""
+        if include_result and record.state is JobState.SUCCEEDED and record.has_result:
+            try:
+                result = await self._store.read_result(job_id, self._max_result_bytes)
+            except ResultTooLarge as e:
+                raise ConnectError(Code.RESOURCE_EXHAUSTED, str(e)) from None
+        return record.to_status(self._advertised_address(), result)
+
+    def list_statuses(self) -> list[pb.JobStatus]:
+        address = self._advertised_address()
+        return [r.to_status(address) for r in self.jobs.values()]
+
+    async def kill(self, job_id: str, term_timeout_ms: int) -> None:
+        record = self._get(job_id)
+        execution = self._active.get(job_id)
+        if record.state.terminal or execution is None:
+            raise ConnectError(Code.FAILED_PRECONDITION, f"job {job_id} already finished as {record.state.name}")
+        if term_timeout_ms < 0:
+            raise ConnectError(Code.INVALID_ARGUMENT, f"invalid term_timeout_ms {term_timeout_ms}")
+        grace = (term_timeout_ms or 5000) / 1000.0
+        self.log.info("killing job {job_id} (grace {grace} s)", job_id=job_id, grace=grace)
+        await execution.kill(grace)
+
+    def running_count(self) -> int:
+        return sum(1 for r in self.jobs.values() if r.state is JobState.RUNNING)
+
+    # -- internals -------------------------------------------------------------
+
+    def _get(self, job_id: str) -> JobRecord:
+        validation.check_job_id(job_id)
+        record = self.jobs.get(job_id)
+        if record is None:
+            raise ConnectError(Code.NOT_FOUND, f"job {job_id} not found")
+        return record
+
+    def _changed(self, record: JobRecord) -> None:
+        self._store.save(record).addErrback(
+            lambda f: self.log.failure("saving job {job_id} failed", f, job_id=record.job_id)
+        )
+        for listener in list(self._listeners):
+            try:
+                listener(record)
+            except Exception:
+                self.log.failure("state listener failed for {job_id}", job_id=record.job_id)
+
+    def _finished(self, job_id: str, execution: JobExecution) -> None:
+        if self._active.get(job_id) is execution:
+            del self._active[job_id]
+        self._ports.release(execution.record.ports.values())
+        if len(self.jobs) > self._retention_count:
+            self.prune()
+
+    def _forget_files(self, job_id: str) -> Deferred[None]:
+        d = self._logs.delete(job_id)
+        d.addCallback(lambda _: self._store.delete(job_id))
+        return d
+
+    def prune(self) -> None:
+        """Forget finished jobs past the retention count or age, oldest first,
+        and let the image builder drop unused images past its caps."""
+        self._kit.builder.gc().addErrback(lambda f: self.log.failure("image gc failed", f))
+        now = self._now_ms()
+        finished = sorted(
+            (r for r in self.jobs.values() if r.state.terminal and r.job_id not in self._active),
+            key=lambda r: r.finished_at_ms,
+        )
+        excess = len(self.jobs) - self._retention_count
+        for record in finished:
+            too_old = now - record.finished_at_ms > self._retention_seconds * 1000
+            if excess <= 0 and not too_old:
+                break
+            excess -= 1
+            del self.jobs[record.job_id]
+            self._store.forget(record.job_id)
+            self._forget_files(record.job_id).addErrback(self._log_delete_failure, record.job_id)
+
+    def _log_delete_failure(self, failure: Failure, job_id: str) -> None:
+        self.log.failure("deleting {job_id} failed", failure, job_id=job_id)
+
+    def _now_ms(self) -> int:
+        return int(self._reactor.seconds() * 1000)

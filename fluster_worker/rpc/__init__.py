@@ -1,0 +1,1 @@
+"""Connect RPC over Klein, and the wire contract's protobuf messages."""

@@ -1,0 +1,67 @@
+"""Request and response bodies of Connect unary calls: binary proto or proto3 JSON,
+optionally gzip-compressed on the way in."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+
+from fluster_worker.rpc.errors import Code, ConnectError
+
+PROTO = "application/proto"
+JSON = "application/json"
+
+
+def media_type(content_type: str | None) -> str | None:
+    """The codec named by a Content-Type header, or None when we do not speak it."""
+    if not content_type:
+        return None
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base if base in (PROTO, JSON) else None
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo Content-Encoding, never producing more than ``limit`` bytes (gzip bombs)."""
+    if not encoding or encoding.strip().lower() == "identity":
+        return body
+    if encoding.strip().lower() != "gzip":
+        raise ConnectError(Code.UNIMPLEMENTED, f"unsupported content encoding: {encoding[:40]!r}")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"malformed gzip body: {e}") from None
+    if len(out) > limit:
+        raise ConnectError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {limit} bytes")
+    if not inflater.eof:
+        raise ConnectError(Code.INVALID_ARGUMENT, "malformed gzip body: truncated")
+    return out
+
+
+def decode(body: bytes, codec: str, message_type: type[Message]) -> Message:
+    message = message_type()
+    try:
+        if codec == PROTO:
+            message.ParseFromString(body)
+        else:
+            json_format.Parse(body.decode("utf-8") or "{}", message, ignore_unknown_fields=True)
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError, ValueError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConnectError(Code.INVALID_ARGUMENT, f"malformed request body: {first_line}") from None
+    return message
+
+
+def encode(message: Message, codec: str) -> bytes:
+    if codec == PROTO:
+        return message.SerializeToString()
+    return json_format.MessageToJson(message, indent=None).encode("utf-8")
+
+
+def error_body(code: Code, message: str, details: list[dict[str, str]] | None = None) -> bytes:
+    body: dict[str, object] = {"code": code.wire_name, "message": message}
+    if details:
+        body["details"] = details
+    return json.dumps(body).encode("utf-8")

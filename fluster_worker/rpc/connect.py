@@ -1,0 +1,212 @@
+"""Connect unary RPC on Klein: one generic layer for every service.
+
+A service is a plain object whose methods are named as in the ``.proto``
+(``RunJob``, ``HealthCheck``...), take the request message and return the
+response message or a Deferred of one, and raise ``ConnectError`` to answer
+with a Connect code. No method knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from fluster_worker.rpc import codec
+from fluster_worker.rpc.errors import Code, ConnectError
+from fluster_worker.rpc.errors_pb2 import ErrorDetails
+from fluster_worker.rpc.site import DEFAULT_MAX_BODY_BYTES
+
+# Bodies bigger than this are decompressed and parsed off the reactor thread.
+_INLINE_BODY_BYTES = 256 * 1024
+
+CallObserver = Callable[[str, str, float], None]
+"""Called once per RPC with (method, code or "ok", seconds)."""
+
+
+class ConnectRouter:
+    """Serves ``impl`` as the proto service ``descriptor`` under ``/<full name>/``."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        descriptor: ServiceDescriptor,
+        impl: object,
+        reactor: IReactorTime,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        observe: CallObserver | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._impl = impl
+        self._max_body_bytes = max_body_bytes
+        self._observe = observe
+        self.service_name = descriptor.full_name
+        self._methods: dict[str, tuple[type[Message], type[Message]]] = {
+            m.name: (GetMessageClass(m.input_type), GetMessageClass(m.output_type))
+            for m in descriptor.methods
+        }
+
+    def mount(self, app: Klein) -> None:
+        app.route(f"/{self.service_name}/<string:method>", methods=["POST"])(self._handle)
+
+    def _handle(self, request: Request, method: str) -> Deferred[bytes]:
+        started = time.monotonic()
+        types = self._methods.get(method)
+        content_type = codec.media_type(_header(request, b"content-type"))
+        answer_codec = content_type or codec.JSON
+        d: Deferred[Message]
+        if types is None:
+            d = _fail(Code.UNIMPLEMENTED, f"unknown method {self.service_name}/{method[:80]}")
+        elif content_type is None:
+            d = _fail(None, "unsupported content type; use application/proto or application/json")
+        else:
+            d = self._dispatch(request, method, types, content_type)
+
+        def ok(response: Message) -> bytes:
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", answer_codec.encode())
+            self._done(method, "ok", started)
+            return codec.encode(response, answer_codec)
+
+        def failed(failure: Failure) -> bytes:
+            code, message = self._classify(failure, method)
+            request.setHeader(b"content-type", codec.JSON.encode())
+            if code is None:  # wrong content type: HTTP 415, as Connect peers expect
+                request.setResponseCode(415)
+                request.setHeader(b"accept-post", b"application/proto, application/json")
+                code = Code.INVALID_ARGUMENT
+            else:
+                request.setResponseCode(code.http_status)
+            self._done(method, code.wire_name, started)
+            return codec.error_body(code, message, _details(failure, message))
+
+        return d.addCallbacks(ok, failed)
+
+    def _dispatch(
+        self,
+        request: Request,
+        method: str,
+        types: tuple[type[Message], type[Message]],
+        content_type: str,
+    ) -> Deferred[Message]:
+        if getattr(request, "body_too_large", False):
+            return _fail(Code.RESOURCE_EXHAUSTED, f"request body exceeds {self._max_body_bytes} bytes")
+        version = _header(request, b"connect-protocol-version")
+        if version is not None and version.strip() != "1":
+            return _fail(Code.INVALID_ARGUMENT, f"unsupported connect-protocol-version {version[:20]!r}")
+        try:
+            timeout = _timeout_seconds(_header(request, b"connect-timeout-ms"))
+        except ConnectError as e:
+            return _fail(e.code, e.message)
+        encoding = _header(request, b"content-encoding")
+        content = request.content
+        request_type, response_type = types
+
+        def parse() -> Message:
+            body = content.read() if content is not None else b""
+            body = codec.decompress(body, encoding, self._max_body_bytes)
+            return codec.decode(body, content_type, request_type)
+
+        small = isinstance(content, io.BytesIO) and len(content.getbuffer()) <= _INLINE_BODY_BYTES
+        parsed: Deferred[Message] = maybeDeferred(parse) if small else deferToThread(parse)
+
+        def call(message: Message) -> Deferred[Message]:
+            handler = getattr(self._impl, method, None)
+            if handler is None:
+                raise ConnectError(Code.UNIMPLEMENTED, f"{self.service_name}/{method} is not implemented")
+            result = handler(message)
+            if inspect.iscoroutine(result):
+                return Deferred.fromCoroutine(result)
+            return maybeDeferred(lambda: result)
+
+        def check(response: Any) -> Message:
+            if not isinstance(response, response_type):
+                raise TypeError(f"{method} returned {type(response).__name__}, not {response_type.__name__}")
+            return response
+
+        parsed.addCallback(call)
+        parsed.addCallback(check)
+        if timeout is not None:
+            parsed.addTimeout(timeout, self._reactor)
+        return parsed
+
+    def _classify(self, failure: Failure, method: str) -> tuple[Code | None, str]:
+        if failure.check(_UnsupportedMediaType):
+            return None, failure.getErrorMessage()
+        if failure.check(ConnectError):
+            e: ConnectError = failure.value  # type: ignore[assignment]
+            return e.code, e.message
+        if failure.check(TimeoutError):
+            return Code.DEADLINE_EXCEEDED, "deadline from connect-timeout-ms exceeded"
+        if failure.check(CancelledError):
+            return Code.CANCELED, "request canceled"
+        self.log.failure("RPC {method} failed", failure, method=method)
+        return Code.INTERNAL, f"internal error: {type(failure.value).__name__}"
+
+    def _done(self, method: str, code: str, started: float) -> None:
+        if self._observe is not None:
+            self._observe(method, code, time.monotonic() - started)
+
+
+def mount_unknown_services(app: Klein) -> None:
+    """Answer POSTs to any other ``/<service>/<method>`` as Connect does: unimplemented."""
+
+    def unknown(request: Request, service: str, method: str) -> bytes:
+        request.setResponseCode(Code.UNIMPLEMENTED.http_status)
+        request.setHeader(b"content-type", codec.JSON.encode())
+        return codec.error_body(Code.UNIMPLEMENTED, f"unknown service {service[:80]}")
+
+    app.route("/<string:service>/<string:method>", methods=["POST"])(unknown)
+
+
+class _UnsupportedMediaType(Exception):
+    pass
+
+
+def _fail(code: Code | None, message: str) -> Deferred[Message]:
+    d: Deferred[Message] = Deferred()
+    d.errback(_UnsupportedMediaType(message) if code is None else ConnectError(code, message))
+    return d
+
+
+def _header(request: Request, name: bytes) -> str | None:
+    value = request.getHeader(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+def _timeout_seconds(value: str | None) -> float | None:
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 10:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"invalid connect-timeout-ms {value[:20]!r}")
+    return int(value) / 1000.0
+
+
+def _details(failure: Failure, message: str) -> list[dict[str, str]]:
+    """The ``fluster.rpc.ErrorDetails`` detail existing peers read. Tracebacks
+    stay in the worker's log: they are never sent to a caller."""
+    detail = ErrorDetails(
+        exception_type=type(failure.value).__name__,
+        message=message,
+        timestamp_ms=int(time.time() * 1000),
+    )
+    return [{
+        "type": "fluster.rpc.ErrorDetails",
+        "value": base64.b64encode(detail.SerializeToString()).decode("ascii").rstrip("="),
+    }]

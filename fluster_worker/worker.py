@@ -1,0 +1,331 @@
+"""The Worker: one MultiService holding a Service per long-lived resource.
+
+Start order is the order below (stop is the reverse): thread pools, the
+container runtime, the job manager, the controller link, then the web site,
+so a stopping worker first stops taking calls, then stops its jobs, then
+its runtime, and joins its threads last.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import treq
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Site
+
+from fluster_worker.builder import ImageBuilder
+from fluster_worker.bundle import BundleCache
+from fluster_worker.config import WorkerConfig
+from fluster_worker.controller import ControllerClient, Registration, RegistrationAdvert, ReportQueue
+from fluster_worker.docker import ContainerRuntime
+from fluster_worker.execution import Toolkit
+from fluster_worker.jobstore import JobStore
+from fluster_worker.logs import LogFollower, LogStore
+from fluster_worker.manager import JobManager
+from fluster_worker.ports import PortAllocator
+from fluster_worker.reporting import JobReporter
+from fluster_worker.threads import BlockingPool
+from fluster_worker.worker_types import JobRecord
+
+DockerClientFactory = Callable[[], Any]
+
+
+def default_docker_client() -> Any:
+    import docker
+
+    return docker.from_env(timeout=300)
+
+
+class WebService(Service):
+    """Listens on a Twisted endpoint string; knows the real port afterwards."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, site: Site) -> None:
+        self._reactor = reactor
+        self._description = description
+        self._site = site
+        self.port: IListeningPort | None = None
+        self._waiters: list[Deferred[int]] = []
+
+    def when_listening(self) -> Deferred[int]:
+        """A new Deferred that fires with the real port once listening."""
+        d: Deferred[int] = Deferred()
+        if self.port is not None:
+            d.callback(self.listening_port)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def startService(self) -> Deferred[IListeningPort]:  # type: ignore[override]
+        super().startService()
+        d: Deferred[IListeningPort] = serverFromString(self._reactor, self._description).listen(self._site)
+
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.port = port
+            host = port.getHost()
+            self.log.info("listening on {host}:{port}", host=host.host, port=host.port)  # type: ignore[attr-defined]
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                w.callback(self.listening_port)
+            return port
+
+        def failed(failure: Failure) -> Failure:
+            self.log.failure("cannot listen on {description}", failure, description=self._description)
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                w.errback(failure)
+            # A worker nobody can reach is worse than one that is visibly down.
+            self._reactor.stop()
+            return failure
+
+        return d.addCallbacks(listening, failed)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        if self.port is None:
+            return Deferred.fromCoroutine(_noop())
+        return Deferred.fromCoroutine(_stop_listening(self.port))
+
+    @property
+    def listening_port(self) -> int:
+        return self.port.getHost().port if self.port is not None else 0  # type: ignore[attr-defined]
+
+
+async def _noop() -> None:
+    return None
+
+
+async def _stop_listening(port: IListeningPort) -> None:
+    await maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+
+
+class Worker(MultiService):
+    log = Logger()
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        reactor: Any,
+        *,
+        worker_id: str,
+        docker_client: DockerClientFactory = default_docker_client,
+        http_client: Any = treq,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.worker_id = worker_id
+        jobs = config.max_concurrent_jobs
+        self.docker_pool = BlockingPool(reactor, "fluster-docker", max_threads=2 * jobs + 8)
+        self.file_pool = BlockingPool(reactor, "fluster-files", max_threads=8)
+        self.docker_pool.setServiceParent(self)
+        self.file_pool.setServiceParent(self)
+        client = _shared(docker_client)
+        self.runtime = ContainerRuntime(reactor, self.docker_pool, client, worker_id)
+        if isinstance(self.runtime, Service):
+            self.runtime.setServiceParent(self)
+        self.logs = LogStore(
+            config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
+        )
+        self.store = JobStore(config.state_dir / "jobs", self.file_pool)
+        self.bundles = BundleCache(
+            reactor, self.file_pool, config.cache_dir, http_client, max_cache_bytes=config.bundle_cache_bytes
+        )
+        self.builder = ImageBuilder(
+            reactor,
+            self.docker_pool,
+            client,
+            config.base_image,
+            config.cache_dir / "build",
+            ca_bundle=config.ca_bundle,
+            index_url=config.index_url,
+            extra_index_urls=config.extra_index_urls,
+            max_images=config.max_images,
+            max_image_bytes=config.max_image_bytes,
+        )
+        docker_path = shutil.which(config.docker_path) or config.docker_path
+        kit = Toolkit(
+            reactor=reactor,
+            store=self.store,
+            bundles=self.bundles,
+            builder=self.builder,
+            runtime=self.runtime,
+            open_log=self.logs.open,
+            make_follower=lambda job_log, cid: LogFollower(
+                reactor,
+                reactor.spawnProcess,
+                docker_path,
+                job_log,
+                cid,
+                lambda: self._is_running(cid),
+            ),
+            slots=DeferredSemaphore(jobs),
+            container_env=self.container_env,
+            changed=lambda record: None,
+            labels=dict(config.extra_labels),
+        )
+        self.ports = PortAllocator(*config.port_range)
+        self.manager = JobManager(
+            reactor,
+            kit,
+            self.logs,
+            self.ports,
+            worker_id,
+            cpu_count=config.cpu_count,
+            advertised_address=self.advertised_address,
+            retention_count=config.retention_count,
+            retention_seconds=config.retention_seconds,
+        )
+        self.registration: Registration | None = None
+        self.reports: ReportQueue | None = None
+        if config.controller:
+            self._link_controller(config.controller)
+        self.manager.setServiceParent(self)
+        self._docker_client = client
+        self.web: WebService | None = None
+        self._advertised = ""
+
+    def _link_controller(self, controller: str) -> None:
+        """RegisterWorker + heartbeat, and the durable ReportJobState queue. Added
+        before the manager so that, stopping in reverse, the manager's last
+        reports are queued before the queue stops."""
+        client = ControllerClient.create(controller, self.reactor)
+        self.controller_client = client
+        advert = RegistrationAdvert(
+            self.worker_id,
+            controller,
+            lambda: self.web.listening_port if self.web is not None else 0,
+            self.file_pool,
+            advertise_host=self.config.advertise_host,
+            cpu=self.config.advertise_cpu,
+            memory=self.config.advertise_memory,
+        )
+        self.registration = Registration(
+            client, self.reactor, advert, heartbeat_interval_s=self.config.heartbeat_seconds
+        )
+        self.reports = ReportQueue(client, self.reactor, self.file_pool, self.config.state_dir, self.worker_id)
+        self.reports.setServiceParent(self)
+        self.manager.add_listener(JobReporter(self.reports))
+
+    def startService(self) -> None:
+        # Every child but the web site now; the site once the manager has
+        # loaded its records, so no call ever sees a half-recovered worker.
+        Service.startService(self)
+        for service in self:
+            if service is not self.web:
+                service.startService()
+        if self.web is not None:
+            web = self.web
+            web.when_listening().addCallback(self._listening)
+            self.manager.ready().addCallback(lambda _: web.startService() if self.running else None)
+
+    def _listening(self, port: int) -> Deferred[None]:
+        from fluster_worker.controller.machine import advertise_address, advertise_host
+
+        controller_host = None
+        if self.config.controller:
+            from fluster_worker.controller import parse_controller_address
+
+            controller_host = parse_controller_address(self.config.controller).host
+        bound = self.web.port.getHost().host if self.web is not None and self.web.port is not None else ""  # type: ignore[attr-defined]
+        if not self.config.advertise_host and bound not in ("", "0.0.0.0", "::"):
+            # Listening on one address only: that is the one callers can reach.
+            d: Deferred[str] = succeed(bound)
+        else:
+            d = self.file_pool.run(advertise_host, self.config.advertise_host, controller_host)
+
+        def known(host: str) -> None:
+            self._advertised = advertise_address(host, port)
+            # Registration needs the real port: start it only now.
+            if self.registration is not None and self.running:
+                self.registration.startService()
+
+        return d.addCallback(known)
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        """Stop children one at a time in reverse order (MultiService would stop
+        them all at once, and the thread pools must outlive everyone else)."""
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        if self.registration is not None and self.registration.running:
+            await maybeDeferred(self.registration.stopService)
+        pools = [self.file_pool, self.docker_pool]
+        for service in [s for s in reversed(list(self)) if s not in pools]:
+            await self._stop_one(service)
+        try:
+            await self.logs.close_all()
+        except Exception:
+            self.log.failure("closing the logs failed")
+        if self.registration is not None:
+            await self.controller_client.close()
+        for pool in pools:
+            await self._stop_one(pool)
+
+    async def _stop_one(self, service: Service) -> None:
+        try:
+            await maybeDeferred(service.stopService)  # type: ignore[call-overload]
+        except Exception:
+            self.log.failure("stopping {service} failed", service=service)
+
+    def add_web(self, site: Site) -> WebService:
+        self.web = WebService(self.reactor, self.config.listen, site)
+        self.web.setServiceParent(self)
+        return self.web
+
+    def advertised_address(self) -> str:
+        return self._advertised
+
+    def set_advertised_address(self, address: str) -> None:
+        self._advertised = address
+
+    def container_env(self, record: JobRecord) -> dict[str, str]:
+        """The request's env_vars, then the FLUSTER_* variables overriding them."""
+        env = dict(record.spec.env_vars)
+        env["FLUSTER_JOB_ID"] = record.job_id
+        env["FLUSTER_ATTEMPT_ID"] = str(record.attempt_id)
+        env["FLUSTER_WORKER_ID"] = record.worker_id
+        env["FLUSTER_BIND_HOST"] = "0.0.0.0"
+        if self.config.controller:
+            env["FLUSTER_CONTROLLER_ADDRESS"] = self.container_controller_address()
+        if record.spec.bundle_url:
+            env["FLUSTER_BUNDLE_GCS_PATH"] = record.spec.bundle_url
+        for name, port in record.ports.items():
+            env[f"FLUSTER_PORT_{name.upper()}"] = str(port)
+        return env
+
+    def container_controller_address(self) -> str:
+        from fluster_worker.controller import container_controller_address
+
+        return container_controller_address(self.config.controller or "")
+
+    def _is_running(self, container_id: str) -> Deferred[bool]:
+        def check() -> bool:
+            try:
+                return bool(self._docker_client().containers.get(container_id).status == "running")
+            except Exception:
+                return False
+
+        return self.docker_pool.run(check)
+
+
+def _shared(factory: DockerClientFactory) -> DockerClientFactory:
+    """One docker client for the whole worker, made on first use (in a thread)."""
+    holder: list[Any] = []
+
+    def get() -> Any:
+        if not holder:
+            holder.append(factory())
+        return holder[0]
+
+    return get
