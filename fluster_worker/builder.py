@@ -173,6 +173,9 @@ class ImageBuilder:
         self._repository = validate_repository(repository)
         self._uv_version: str | None = None
         self._inflight: dict[str, _InFlight] = {}
+        # Set at shutdown: running builds stop at their next output line, so a
+        # stopping worker does not wait for a long dependency install to finish.
+        self._stopping = threading.Event()
         self._images = ImageGC(
             reactor,
             pool,
@@ -322,6 +325,11 @@ class ImageBuilder:
                 labels=inputs.labels(),
             )
             for chunk in stream:
+                if self._stopping.is_set():
+                    # Dropping the stream closes the connection; the engine then
+                    # cancels the build.
+                    stream.close()
+                    raise BuildError("image build aborted: the worker is shutting down")
                 if "stream" in chunk:
                     emit(output.feed(str(chunk["stream"])))
                 elif "error" in chunk or "errorDetail" in chunk:
@@ -347,6 +355,10 @@ class ImageBuilder:
         """Mark tag in use (gc keeps it); call the returned function, once or
         more, to release it."""
         return self._images.lease(tag)
+
+    def abort_builds(self) -> None:
+        """Worker shutdown: make running builds give up at their next output line."""
+        self._stopping.set()
 
     def gc(self) -> Deferred[list[str]]:
         """Remove job images, oldest-unused first, until at most max_images and

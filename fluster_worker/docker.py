@@ -265,6 +265,10 @@ def _exit_status(state: dict[str, Any], now_ms: int) -> ExitStatus | None:
     exited (created, running, paused or restarting)."""
     if state.get("Running") or state.get("Restarting") or state.get("Status") == "created":
         return None
+    if state.get("Status") in ("removing", "dead") and _parse_time_ns(state.get("StartedAt")) is None:
+        # Never started (e.g. "removing" or "dead" mid force-remove): no exit to
+        # report; remove() fails its waiters instead.
+        return None
     finished_ns = _parse_time_ns(state.get("FinishedAt"))
     return ExitStatus(
         exit_code=int(state.get("ExitCode") or 0),

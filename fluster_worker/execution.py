@@ -197,7 +197,12 @@ class JobExecution:
                 timer.cancel()
             sampler.stop()
         # The container is removed only after its final lines are stored.
-        await follow_done
+        try:
+            await follow_done
+        except Exception as e:
+            # The job's outcome stands; say what happened to its logs.
+            self.log.failure("collecting the logs of {job_id} failed", job_id=rec.job_id)
+            self._log("error", f"log collection failed: {type(e).__name__}: {e}")
         rec.exit_code = status.exit_code
         rec.has_result = await kit.store.has_result(rec.job_id)
         if self._kill_requested:
@@ -270,7 +275,10 @@ class JobExecution:
         )
 
     async def _sample(self) -> None:
-        sample = await self._kit.runtime.sample(self._container_id)
+        try:
+            sample = await self._kit.runtime.sample(self._container_id)
+        except ContainerError:
+            return  # gone between two samples: the exit path takes over
         usage = self.record.usage
         if sample is not None:
             usage.memory_mb = sample.memory_bytes // 2**20

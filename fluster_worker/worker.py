@@ -131,8 +131,7 @@ class Worker(MultiService):
         self.file_pool.setServiceParent(self)
         client = _shared(docker_client)
         self.runtime = ContainerRuntime(reactor, self.docker_pool, client, worker_id)
-        if isinstance(self.runtime, Service):
-            self.runtime.setServiceParent(self)
+        self.runtime.setServiceParent(self)
         self.logs = LogStore(
             config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
         )
@@ -260,6 +259,7 @@ class Worker(MultiService):
     async def _stop_in_order(self) -> None:
         if self.registration is not None and self.registration.running:
             await maybeDeferred(self.registration.stopService)
+        self.builder.abort_builds()
         pools = [self.file_pool, self.docker_pool]
         for service in [s for s in reversed(list(self)) if s not in pools]:
             await self._stop_one(service)
@@ -305,9 +305,11 @@ class Worker(MultiService):
         return env
 
     def container_controller_address(self) -> str:
-        from fluster_worker.controller import container_controller_address
+        """Always a URL (``http://host:port``), whatever form the option took, with a
+        loopback controller host rewritten to one a container reaches."""
+        from fluster_worker.controller import container_controller_address, normalize_controller_url
 
-        return container_controller_address(self.config.controller or "")
+        return container_controller_address(normalize_controller_url(self.config.controller or ""))
 
     def _is_running(self, container_id: str) -> Deferred[bool]:
         def check() -> bool:

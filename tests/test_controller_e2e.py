@@ -80,7 +80,8 @@ async def test_registration_heartbeat_reports_and_a_container_calling_home(
             attempt_id=4,
         )
         status = await h.run(request)
-        assert status.state == pb.JOB_STATE_SUCCEEDED, status.error
+        stderr = [e.data for e in await h.client.fetch_logs(job_id) if e.source == "stderr"]
+        assert status.state == pb.JOB_STATE_SUCCEEDED, (status.error, stderr[-3:])
         assert any(c.request.worker_id == "from-container" for c in controller.register_calls)
 
         async def reported() -> bool:

@@ -15,23 +15,27 @@ described in disk.py; the query order and costs in query.py.
 Nothing is served behind a poller's back. Clients poll FetchLogs with
 ``start_ms`` = the timestamp_ms of the last entry they saw (exclusive), but a
 line can reach the store after lines with later timestamps were served: stdout
-and stderr come through separate pipes, and a line may still be in the pending
-batch when a query runs. Stored in its (timestamp_ms, seq) place it would sit
-behind the client's cursor and never be seen. So an open JobLog keeps a served
-high-water mark, the highest timestamp_ms any query of it has returned, and a
-batch stores each line stamped at or before that millisecond at the mark's next
-millisecond instead (``(mark + 1) ms``, no sub-millisecond part; seqs, hence the
-order among those lines, unchanged): it sorts after everything already served.
-The shift is small, bounded by how late the line arrived (the reordering delay
-between the pipes plus a batch delay), and only lines that would otherwise be
-lost get it. A query's read and its update of the mark, and a batch's
-adjustment and write, hold the JobLog's ``serve_lock`` (both run on pool
-threads), so no batch lands between a read and the mark it sets. Queries read
-the files, after a flush of what was appended before them. A closed job's log no
-longer changes and has no mark; a JobLog opened again starts a new one.
-``resume_point`` reports stored timestamps, so a LogFollower started on a log
-holding shifted lines (the worker never does that: a new attempt starts from
-an empty log) could skip lines Docker stamped within the shift.
+and stderr come through separate pipes, and the lines of one millisecond may
+arrive in two reads with a query in between. Stored in its (timestamp_ms, seq)
+place such a line would sit behind the client's cursor and never be seen. So an
+open JobLog keeps a served high-water mark, the highest timestamp_ms any query
+of it has returned, and a batch stores each line stamped at or before that
+millisecond at the next one instead (``(mark + 1) ms``, no sub-millisecond
+part; seqs, hence the order among those lines, unchanged): it sorts after
+everything already served. Only lines stamped at or before a millisecond some
+query already returned are moved, and by little: how late they arrived (the
+delay between the two pipes, or between two reads, plus a batch delay).
+``JobLog.shifted_lines`` counts them. A query's read and its update of the
+mark, and a batch's adjustment and write, hold the JobLog's ``serve_lock``
+(both run on pool threads), so no batch lands between a read and the mark it
+sets; a regex scan thus holds back that job's writes for at most its budget.
+Queries read the files after a flush of everything appended before them, so
+what a ``flush()`` made durable, and anything written since, is in the answer.
+A closed job's log no longer changes and has no mark; a JobLog opened again
+starts a new one. ``resume_point`` reports stored timestamps, so a LogFollower
+started on a log holding moved lines (the worker never does that: a new attempt
+starts from an empty log, and a restarted worker removes old containers) could
+skip lines Docker stamped within the shift.
 
 Lifecycle of a JobLog: OPEN (appends accepted) -> CLOSING (``close()``: the
 pending lines are written and synced, the files closed) -> CLOSED; or DELETED
@@ -404,7 +408,7 @@ class JobLog:
         if self._served_ms is None:
             return
         floor = (self._served_ms + 1) * _MS
-        for source, (stamps, seqs, lines) in batches.items():
+        for source, (stamps, seqs, lines) in list(batches.items()):
             if stamps and min(stamps) < floor:
                 shifted = [floor if ts < floor else ts for ts in stamps]
                 self.shifted_lines += sum(1 for ts in stamps if ts < floor)
