@@ -41,6 +41,7 @@ class WorkerService:
             start_ms=f.start_ms,
             end_ms=f.end_ms,
             max_lines=f.max_lines,
+            after_seq=f.after_seq if f.HasField("after_seq") else None,
         )
         try:
             lines = await self._logs.query(request.job_id, query)
@@ -49,7 +50,10 @@ class WorkerService:
         except InvalidLogQuery as e:
             raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
         return pb.FetchLogsResponse(
-            logs=[pb.LogEntry(timestamp_ms=line.timestamp_ms, source=line.source, data=line.data) for line in lines]
+            logs=[
+                pb.LogEntry(timestamp_ms=line.timestamp_ms, source=line.source, data=line.data, seq=line.seq)
+                for line in lines
+            ]
         )
 
     async def KillJob(self, request: pb.KillJobRequest) -> pb.Empty:

@@ -289,3 +289,28 @@ async def test_a_missing_bundle_is_named_in_an_error_entry(harness: Harness, tmp
     errors = of(entries, "error")
     assert errors and any("no-such-bundle.zip" in e for e in errors), keys(entries)
     assert of(entries, "stdout") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_seq_pages_through_everything_exactly_once(harness: Harness, tmp_path: Path) -> None:
+    # Our own cursor (FetchLogsFilter.after_seq, field 1000): exact even inside a
+    # millisecond, so pages of 7 cut bursts anywhere and still lose nothing.
+    status = await harness.run(job(make_bundle(tmp_path), bursts, 20, 50, 3, 0.0))
+    assert status.state == pb.JOB_STATE_SUCCEEDED, status.error
+    whole = await harness.client.fetch_logs(status.job_id)
+    pages: list[pb.LogEntry] = []
+    cursor: int | None = None
+    for _ in range(len(whole)):  # a cursor that does not move fails here, not by hanging
+        fields: dict[str, Any] = {"max_lines": 7}
+        if cursor is not None:
+            fields["after_seq"] = cursor
+        page = await harness.client.fetch_logs(status.job_id, **fields)
+        assert len(page) <= 7
+        if not page:
+            break
+        pages.extend(page)
+        cursor = page[-1].seq
+    else:
+        raise AssertionError("paging did not end")
+    assert keys(pages) == keys(whole)
+    assert len(of(pages, "stdout")) == 1000 and len(of(pages, "stderr")) == 60

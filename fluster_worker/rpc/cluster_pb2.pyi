@@ -245,28 +245,32 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobStatus, _Mapping]]] = ...) -> None: ...
 
 class LogEntry(_message.Message):
-    __slots__ = ("timestamp_ms", "source", "data")
+    __slots__ = ("timestamp_ms", "source", "data", "seq")
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     timestamp_ms: int
     source: str
     data: str
-    def __init__(self, timestamp_ms: _Optional[int] = ..., source: _Optional[str] = ..., data: _Optional[str] = ...) -> None: ...
+    seq: int
+    def __init__(self, timestamp_ms: _Optional[int] = ..., source: _Optional[str] = ..., data: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class FetchLogsFilter(_message.Message):
-    __slots__ = ("regex", "start_line", "start_ms", "end_ms", "max_lines")
+    __slots__ = ("regex", "start_line", "start_ms", "end_ms", "max_lines", "after_seq")
     REGEX_FIELD_NUMBER: _ClassVar[int]
     START_LINE_FIELD_NUMBER: _ClassVar[int]
     START_MS_FIELD_NUMBER: _ClassVar[int]
     END_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_LINES_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     regex: str
     start_line: int
     start_ms: int
     end_ms: int
     max_lines: int
-    def __init__(self, regex: _Optional[str] = ..., start_line: _Optional[int] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., max_lines: _Optional[int] = ...) -> None: ...
+    after_seq: int
+    def __init__(self, regex: _Optional[str] = ..., start_line: _Optional[int] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., max_lines: _Optional[int] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class FetchLogsRequest(_message.Message):
     __slots__ = ("job_id", "filter")
