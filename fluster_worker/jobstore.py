@@ -21,6 +21,7 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
+from fluster_worker.files import write_atomically
 from fluster_worker.threads import BlockingPool
 from fluster_worker.worker_types import JobRecord
 
@@ -60,7 +61,7 @@ class JobStore:
         """Persist a snapshot of ``record`` (taken now), after earlier saves of it."""
         data = json.dumps(record.to_json()).encode("utf-8")
         path = self.job_dir(record.job_id) / "record.json"
-        return self._chain(record.job_id, lambda: _atomic_write(path, data))
+        return self._chain(record.job_id, lambda: write_atomically(path, data))
 
     def prepare(self, job_id: str, entrypoint: bytes) -> Deferred[None]:
         """Create the job's directories and write its entry point."""
@@ -69,7 +70,7 @@ class JobStore:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             for d in (self.out_dir(job_id), self.workdir(job_id), self.app_dir(job_id)):
                 d.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.entrypoint_path(job_id), entrypoint)
+            write_atomically(self.entrypoint_path(job_id), entrypoint)
 
         return self._chain(job_id, make)
 
@@ -138,16 +139,6 @@ class JobStore:
         lock = self._locks.get(job_id)
         if lock is not None and not lock.locked:
             del self._locks[job_id]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _tree_bytes(root: Path) -> int:

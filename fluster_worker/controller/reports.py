@@ -43,10 +43,10 @@ from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.controller._files import write_atomically
 from fluster_worker.controller._types import BlockingRunner, Clock, Timer
 from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerCaller, ControllerError
+from fluster_worker.files import write_atomically
 from fluster_worker.rpc import cluster_pb2 as pb
 
 log = Logger()
