@@ -117,12 +117,18 @@ class JobExecution:
         kit, rec = self._kit, self.record
         lease: BundleLease | None = None
         release_image: Callable[[], None] | None = None
-        slot_held = False
+        # Take a place in line now, before any await: jobs start in arrival order.
+        granted: list[bool] = []
+
+        def take(token: DeferredSemaphore) -> DeferredSemaphore:
+            granted.append(True)
+            return token
+
+        slot = kit.slots.acquire().addCallback(take)
         try:
             await kit.store.prepare(rec.job_id, self._entrypoint)
             self._entrypoint = b""  # on disk now; the worker keeps no copy
-            await self._unless_killed(kit.slots.acquire())
-            slot_held = True
+            await self._unless_killed(slot)
             self._move(JobState.BUILDING, "downloading bundle")
             if rec.spec.bundle_url:
                 lease = await self._unless_killed(
@@ -170,8 +176,11 @@ class JobExecution:
                 release_image()
             if lease is not None:
                 lease.release()
-            if slot_held:
+            if granted:
                 kit.slots.release()
+            else:  # still in line: leave it
+                slot.addErrback(lambda f: f.trap(CancelledError))
+                slot.cancel()
             await self._close_log()
             waiters, self._done_waiters = self._done_waiters, []
             for d in waiters:

@@ -1,0 +1,73 @@
+"""docker-py access for the container runtime: one lazily made client, calls run on the
+BlockingPool, and Docker or transport errors turned into a one-line ``ContainerError``.
+
+Shared by ``ContainerRuntime`` (fluster_worker.docker) and its exit watcher
+(fluster_worker.container_events), whose events thread uses the same client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests
+from twisted.internet.defer import Deferred
+
+from fluster_worker.threads import BlockingPool
+
+__all__ = ["ContainerError", "Engine", "explain"]
+
+T = TypeVar("T")
+
+
+class ContainerError(Exception):
+    """A Docker operation failed; the message is one line naming the cause."""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def explain(exc: BaseException) -> str:
+    """The cause of a docker-py or transport error, on one line."""
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        return _one_line(str(exc.explanation))
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "Docker engine unreachable: " + _one_line(str(exc), 200)
+    return _one_line(str(exc) or type(exc).__name__)
+
+
+class Engine:
+    """The docker client of one runtime, and calls on it through the BlockingPool."""
+
+    def __init__(self, pool: BlockingPool, client_factory: Callable[[], docker.DockerClient]) -> None:
+        self._pool = pool
+        self._client_factory = client_factory
+        # The one client (pool threads and the events thread share it), made lazily off
+        # the reactor thread (docker.from_env does I/O). It belongs to whoever supplied
+        # the factory (which may hand the same client to others): never closed here.
+        self._client: docker.DockerClient | None = None
+        self._client_lock = threading.Lock()
+
+    def api(self) -> Any:
+        """The low-level docker APIClient (pool threads and the events thread only)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._client_factory()
+            return self._client.api
+
+    def call(self, what: str, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``f(api, *args)`` on the pool; docker and transport errors become
+        ContainerError("<what> failed: <cause>")."""
+
+        def run() -> T:
+            try:
+                return f(self.api(), *args)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
+                raise ContainerError(f"{what} failed: {explain(e)}") from e
+
+        return self._pool.run(run)

@@ -1,0 +1,277 @@
+"""Exit detection for ``ContainerRuntime``: one events-stream thread and the exit
+waiters of the containers of one worker id.
+
+One events-stream thread per runtime, not one blocking ``container.wait()`` per
+container. A blocking wait holds a BlockingPool thread for the whole life of the job:
+with more running jobs than pool threads the pool starves and every other docker call
+queues behind the waits. The events stream is one long-lived HTTP request on its own
+thread (never a pool thread), filtered by our label, that reports each ``die`` as it
+happens for any number of containers. On a ``die`` (and whenever a waiter registers,
+and after every (re)connect of the stream) the container is inspected for its exit
+code, OOMKilled flag and FinishedAt. A waiter is registered before its first inspect,
+so an exit that happens at any time (even before ``wait`` was called, or while the
+stream was reconnecting) is seen exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+import docker.errors
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from fluster_worker.container_engine import ContainerError, Engine, explain
+from fluster_worker.container_spec import WORKER_ID_LABEL
+from fluster_worker.container_status import ExitStatus, exit_status
+
+__all__ = ["DelayedCall", "ExitWatcher", "Reactor"]
+
+log = Logger()
+
+_RECONNECT_MIN = 0.5
+_RECONNECT_MAX = 5.0
+_RECHECK_DELAY = 1.0
+
+
+class DelayedCall(Protocol):
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class Reactor(Protocol):
+    """What the runtime uses of the reactor (IReactorTime + IReactorFromThreads)."""
+
+    def seconds(self) -> float: ...
+    def callLater(self, delay: float, f: Callable[..., Any], /, *a: Any, **k: Any) -> Any: ...
+    def callFromThread(self, f: Callable[..., Any], /, *a: Any, **k: Any) -> None: ...
+
+
+class ExitWatcher:
+    """The exit waiters and events thread of one worker id's containers. Reactor thread
+    only, except ``_events_loop`` (the events thread). ``on_release(container_id)`` runs
+    when a container's exit is reported, before its waiters fire."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        engine: Engine,
+        worker_id: str,
+        on_release: Callable[[str], None],
+    ) -> None:
+        self._reactor = reactor
+        self._engine = engine
+        self.worker_id = worker_id
+        self._on_release = on_release
+        # Exit waiters: full container id -> Deferreds, one per wait() call.
+        self._waiters: dict[str, list[Deferred[ExitStatus]]] = {}
+        # Events thread. State machine: "stopped" -> "running" -> "stopping" -> "stopped".
+        self.state = "stopped"
+        self._stop_event = threading.Event()
+        self._stream_lock = threading.Lock()
+        self._stream: Any = None  # docker.types.CancellableStream while connected
+        self.thread: threading.Thread | None = None
+        self._stopped_waiters: list[Deferred[None]] = []
+        self._rechecks: set[DelayedCall] = set()
+
+    def _now_ms(self) -> int:
+        return int(self._reactor.seconds() * 1000)
+
+    # -- waiters ----------------------------------------------------------------
+
+    def add_waiter(self, container_id: str) -> Deferred[ExitStatus]:
+        """A new Deferred firing with the ExitStatus of the container (full id) once it
+        has exited; cancelling it only drops this waiter."""
+
+        def drop(d: Deferred[ExitStatus]) -> None:
+            waiters = self._waiters.get(container_id, [])
+            if d in waiters:
+                waiters.remove(d)
+            if not waiters:
+                self._waiters.pop(container_id, None)
+
+        if self.state != "running":
+            return fail(ContainerError("container wait failed: the container runtime is not running"))
+        d: Deferred[ExitStatus] = Deferred(canceller=drop)
+        self._waiters.setdefault(container_id, []).append(d)
+        self._check_exit(container_id, None)
+        return d
+
+    def _check_exit(self, container_id: str, exit_code_hint: int | None) -> None:
+        """Inspect the container and release its waiters if it has exited.
+        ``exit_code_hint``: the code of a die event, used when the container is
+        already removed by the time we inspect."""
+
+        def inspect(api: Any) -> dict[str, Any] | None:
+            try:
+                return cast(dict[str, Any], api.inspect_container(container_id)["State"])
+            except docker.errors.NotFound:
+                return None
+
+        def checked(state: dict[str, Any] | None) -> None:
+            if container_id not in self._waiters:
+                return
+            if state is None:
+                if exit_code_hint is None:
+                    self.fail_waiters(
+                        container_id,
+                        ContainerError(f"container wait failed: no such container {container_id[:64]}"),
+                    )
+                else:
+                    self._release(container_id, ExitStatus(exit_code_hint, False, self._now_ms()))
+                return
+            status = exit_status(state, self._now_ms())
+            if status is not None:
+                self._release(container_id, status)
+
+        def failed(f: Failure) -> None:
+            # The engine did not answer: try again while someone still waits.
+            if container_id not in self._waiters or self.state != "running":
+                return
+            log.warn(
+                "checking container {id} for exit failed: {error}; retrying in {delay}s",
+                id=container_id[:12],
+                error=f.getErrorMessage(),
+                delay=_RECHECK_DELAY,
+            )
+            call = self._reactor.callLater(
+                _RECHECK_DELAY, self._recheck, container_id, exit_code_hint
+            )
+            self._rechecks.add(call)
+
+        self._engine.call("container inspect", inspect).addCallbacks(checked, failed)
+
+    def _recheck(self, container_id: str, exit_code_hint: int | None) -> None:
+        self._rechecks = {c for c in self._rechecks if c.active()}
+        if container_id in self._waiters and self.state == "running":
+            self._check_exit(container_id, exit_code_hint)
+
+    def _release(self, container_id: str, status: ExitStatus) -> None:
+        self._on_release(container_id)
+        for d in self._waiters.pop(container_id, []):
+            d.callback(status)
+
+    def fail_waiters(self, container_id: str, error: Exception) -> None:
+        """Errback every waiter of the container (full id) with ``error``."""
+        for d in self._waiters.pop(container_id, []):
+            d.errback(Failure(error))
+
+    # -- events thread ----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the events thread ("stopped" -> "running")."""
+        self.state = "running"
+        self._stop_event.clear()
+        self.thread = threading.Thread(
+            target=self._events_loop, name=f"docker-events-{self.worker_id[:32]}", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> Deferred[None]:
+        """Close the events stream, fail pending waiters; fires once the thread ended."""
+        if self.state == "stopped":
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stopped_waiters.append(d)
+        if self.state == "running":
+            self.state = "stopping"
+            self._stop_event.set()
+            with self._stream_lock:
+                stream, self._stream = self._stream, None
+            if stream is not None:
+                _close_quietly(stream)
+            for call in self._rechecks:
+                if call.active():
+                    call.cancel()
+            self._rechecks.clear()
+            for container_id in list(self._waiters):
+                self.fail_waiters(
+                    container_id,
+                    ContainerError("container wait failed: the container runtime stopped"),
+                )
+        return d
+
+    def _events_thread_ended(self) -> None:
+        self.thread = None
+        self.state = "stopped"
+        waiters, self._stopped_waiters = self._stopped_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _subscribed(self) -> None:
+        """The stream is (re)connected: exits missed while it was down show up in a
+        fresh inspect of every container still waited for."""
+        for container_id in list(self._waiters):
+            self._check_exit(container_id, None)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if self.state != "running":
+            return
+        action = event.get("Action") or event.get("status")
+        actor = event.get("Actor") or {}
+        container_id = actor.get("ID") or event.get("id")
+        if action != "die" or container_id not in self._waiters:
+            return
+        try:
+            hint: int | None = int((actor.get("Attributes") or {}).get("exitCode", ""))
+        except (TypeError, ValueError):
+            hint = None
+        self._check_exit(container_id, hint)
+
+    def _log_from_thread(self, text: str, **fields: object) -> None:
+        self._reactor.callFromThread(lambda: log.warn(text, **fields))
+
+    def _events_loop(self) -> None:
+        """The events thread: stream `die` events of our containers to the reactor,
+        reconnecting with backoff until stop() sets the stop event."""
+        backoff = _RECONNECT_MIN
+        filters = {
+            "type": "container",
+            "event": ["die"],
+            "label": f"{WORKER_ID_LABEL}={self.worker_id}",
+        }
+        try:
+            while not self._stop_event.is_set():
+                try:
+                    stream = self._engine.api().events(decode=True, filters=filters)
+                except Exception as e:
+                    self._log_from_thread(
+                        "docker events: connect failed ({error}); retrying in {delay}s",
+                        error=explain(e),
+                        delay=backoff,
+                    )
+                    self._stop_event.wait(backoff)
+                    backoff = min(backoff * 2, _RECONNECT_MAX)
+                    continue
+                with self._stream_lock:
+                    if self._stop_event.is_set():
+                        _close_quietly(stream)
+                        break
+                    self._stream = stream
+                backoff = _RECONNECT_MIN
+                self._reactor.callFromThread(self._subscribed)
+                try:
+                    for event in stream:
+                        if isinstance(event, dict):
+                            self._reactor.callFromThread(self._on_event, event)
+                except Exception as e:
+                    if not self._stop_event.is_set():
+                        self._log_from_thread("docker events: stream failed: {error}", error=explain(e))
+                with self._stream_lock:
+                    self._stream = None
+                _close_quietly(stream)
+                if not self._stop_event.is_set():
+                    self._log_from_thread("docker events: stream ended; reconnecting")
+                    self._stop_event.wait(backoff)
+        finally:
+            self._reactor.callFromThread(self._events_thread_ended)
+
+
+def _close_quietly(stream: Any) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass
