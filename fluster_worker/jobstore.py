@@ -64,10 +64,10 @@ class JobStore:
         return self._chain(record.job_id, lambda: write_atomically(path, data))
 
     def prepare(self, job_id: str, entrypoint: bytes) -> Deferred[None]:
-        """Create the job's directories and write its entry point."""
+        """Create the job's directories and write its entry point. (A replaced
+        attempt's directory was deleted before; the record saved meanwhile stays.)"""
 
         def make() -> None:
-            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             for d in (self.out_dir(job_id), self.workdir(job_id), self.app_dir(job_id)):
                 d.mkdir(parents=True, exist_ok=True)
             write_atomically(self.entrypoint_path(job_id), entrypoint)

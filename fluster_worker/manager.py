@@ -161,11 +161,13 @@ class JobManager(Service):
         self.jobs[job_id] = record
         execution = JobExecution(record, request.serialized_entrypoint, self._kit)
         self._active[job_id] = execution
+        # A replaced attempt's files go first; then the record is saved (so it is
+        # on disk from PENDING on) and the run starts.
         cleared = self._forget_files(job_id) if existing is not None else succeed(None)
+        cleared.addCallback(lambda _: self._changed(record))
         cleared.addCallback(lambda _: execution.start())
         cleared.addErrback(lambda f: self.log.failure("job {job_id} crashed", f, job_id=job_id))
         cleared.addBoth(lambda _: self._finished(job_id, execution))
-        self._changed(record)
         self.log.info("accepted job {job_id} attempt {attempt}", job_id=job_id, attempt=attempt)
         return pb.RunJobResponse(job_id=job_id, state=int(record.state))  # type: ignore[arg-type]
 

@@ -3,6 +3,7 @@ a cloudpickled Entrypoint and a zip bundle with a pyproject.toml."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -350,6 +351,10 @@ async def test_concurrency_limit_keeps_jobs_pending_in_order(tmp_path: Path) -> 
         await h.wait_state("q0", {pb.JOB_STATE_RUNNING})
         assert (await h.client.status("q1")).state == pb.JOB_STATE_PENDING
         assert (await h.client.status("q2")).state == pb.JOB_STATE_PENDING
+        # Waiting jobs are on disk already: a worker that dies now still knows them.
+        for waiting in ("q1", "q2"):
+            saved = json.loads((tmp_path / "state" / "jobs" / waiting / "record.json").read_text())
+            assert saved["state"] == "PENDING"
         await h.client.kill("q0", term_timeout_ms=100)
         await h.wait_state("q1", {pb.JOB_STATE_RUNNING})
         assert (await h.client.status("q2")).state == pb.JOB_STATE_PENDING
