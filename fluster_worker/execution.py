@@ -73,6 +73,7 @@ class JobExecution:
         self._done_waiters: list[Deferred[JobRecord]] = []
         self._timed_out = False
         self._container_id = ""
+        self._outcome: tuple[JobState, str, int | None] | None = None
         self._final_state = JobState.KILLED
         self._kill_error = "Killed by request"
         self.job_log: JobLog | None = None
@@ -182,6 +183,7 @@ class JobExecution:
                 slot.addErrback(lambda f: f.trap(CancelledError))
                 slot.cancel()
             await self._close_log()
+            self._publish()
             waiters, self._done_waiters = self._done_waiters, []
             for d in waiters:
                 d.callback(self.record)
@@ -334,9 +336,17 @@ class JobExecution:
         self._finish(JobState.FAILED, error=error, exit_code=exit_code)
 
     def _finish(self, state: JobState, error: str = "", exit_code: int | None = None) -> None:
+        """Decide the outcome (the first decision wins); ``_publish`` shows it once
+        the container is removed and the logs are closed, so a client that sees a
+        terminal state finds every log line stored and no container left."""
+        if self._outcome is None:
+            self._outcome = (state, error, exit_code)
+
+    def _publish(self) -> None:
         rec = self.record
-        if rec.state.terminal:
+        if self._outcome is None or rec.state.terminal:
             return
+        state, error, exit_code = self._outcome
         rec.error = error
         if exit_code is not None:
             rec.exit_code = exit_code

@@ -179,7 +179,12 @@ class LogFollower:
         max_failures: int = 8,
         max_pending_bytes: int = 64 * 2**20,
         read_delay_s: float = 0.005,
+        last_entries: Callable[[int], Deferred[dict[int, bytes]]] | None = None,
     ) -> None:
+        """``last_entries(n)``, when given, fetches the container's last ``n``
+        timestamped entries per stream ({1: stdout bytes, 2: stderr bytes}, as
+        ``docker logs --tail n --timestamps`` prints them) without a process,
+        e.g. through the Docker API on a thread pool; else the CLI is spawned."""
         if not os.path.isabs(docker_path):
             raise ValueError(f"docker_path must be absolute, not {docker_path!r}")
         if not container_id or container_id.startswith("-") or not container_id.isprintable():
@@ -197,6 +202,7 @@ class LogFollower:
         self._max_failures = max_failures
         self._max_pending = max_pending_bytes
         self._read_delay = read_delay_s
+        self._last_entries = last_entries
         self._streams = {fd: _Stream(source, max_line_bytes) for fd, source in _FDS.items()}
         # IDLE -> STARTING -> TAILING <-> (CHECKING | WAITING) -> DONE
         self._state = "idle"
@@ -421,16 +427,10 @@ class LogFollower:
         way the stored lines do (same timestamps and data, and no more lines with
         the last timestamp than stored). Anything unclear answers False: one more
         tail then reads the rest."""
-        check = _LastEntriesProtocol()
-        args = [self._docker, "logs", "--tail", str(_CHECK_LINES), "--timestamps", "--", self._container_id]
-        try:
-            self._spawn(check, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
-        except Exception:
-            self.log.failure("spawning docker logs --tail for {cid} failed", cid=self._container_id)
+        output = await self._fetch_last_entries()
+        if output is None:
             return False
-        if not await check.done:
-            return False
-        for fd, raw in check.output.items():
+        for fd, raw in output.items():
             parser = StreamParser(self._max_line_bytes)
             stamps, lines = parser.feed(raw)
             more_stamps, more_lines = parser.finish()
@@ -446,6 +446,23 @@ class LogFollower:
             if sum(1 for ts, _ in window if ts == stream.last_ts) > stream.count:
                 return False  # more lines with the last timestamp than stored
         return True
+
+    async def _fetch_last_entries(self) -> dict[int, bytes] | None:
+        """The last ``_CHECK_LINES`` entries per stream, or None when unknown."""
+        if self._last_entries is not None:
+            try:
+                return await self._last_entries(_CHECK_LINES)
+            except Exception:
+                self.log.failure("reading the last log entries of {cid} failed", cid=self._container_id)
+                return None
+        check = _LastEntriesProtocol()
+        args = [self._docker, "logs", "--tail", str(_CHECK_LINES), "--timestamps", "--", self._container_id]
+        try:
+            self._spawn(check, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
+        except Exception:
+            self.log.failure("spawning docker logs --tail for {cid} failed", cid=self._container_id)
+            return None
+        return check.output if await check.done else None
 
     def _retry(self) -> None:
         if not self._progress:
