@@ -25,6 +25,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,9 @@ class _InFlight:
 
 _log = Logger()
 
+# How long a looked-up base image id is trusted before asking the engine again.
+_BASE_ID_TTL_S = 10.0
+
 
 class ImageBuilder:
     """Builds and garbage-collects job images on one Docker engine.
@@ -173,6 +177,10 @@ class ImageBuilder:
         self._repository = validate_repository(repository)
         self._uv_version: str | None = None
         self._inflight: dict[str, _InFlight] = {}
+        # Per-job inputs that rarely change, kept briefly (filled on pool threads).
+        self._memo_lock = threading.Lock()
+        self._base_id_memo: tuple[float, str] | None = None
+        self._ca_memo: tuple[tuple[int, int, int], str] | None = None
         # Set at shutdown: running builds stop at their next output line, so a
         # stopping worker does not wait for a long dependency install to finish.
         self._stopping = threading.Event()
@@ -266,13 +274,13 @@ class ImageBuilder:
         pyproject = read_project_file(project_dir / "pyproject.toml")
         uv_lock = read_project_file(project_dir / "uv.lock") if pyproject is not None else None
         try:
-            base_id = self._docker().api.inspect_image(self._base_image)["Id"]
+            base_id = self._base_image_id()
         except docker.errors.ImageNotFound as e:
             raise BuildError(f"image build failed: base image {self._base_image} not found locally") from e
         except docker.errors.DockerException as e:
             raise BuildError(f"image build failed: docker engine: {one_line(e)}") from e
         try:
-            ca_sha256 = None if self._ca_bundle is None else file_sha256(self._ca_bundle)
+            ca_sha256 = None if self._ca_bundle is None else self._ca_sha256(self._ca_bundle)
         except OSError as e:
             raise BuildError(
                 f"image build failed: cannot read the CA bundle {self._ca_bundle}: {e.strerror}"
@@ -295,6 +303,32 @@ class ImageBuilder:
             raise BuildError("extras requested but the bundle's pyproject.toml has no [project] table")
         inputs.key  # noqa: B018 -- computed once, here
         return inputs
+
+    def _base_image_id(self) -> str:
+        """Blocking: the base image's id, asked of the engine at most every
+        ``_BASE_ID_TTL_S`` (every job needs it; a re-tagged base is seen soon after)."""
+        now = time.monotonic()
+        with self._memo_lock:
+            cached = self._base_id_memo
+        if cached is not None and now - cached[0] < _BASE_ID_TTL_S:
+            return cached[1]
+        base_id = str(self._docker().api.inspect_image(self._base_image)["Id"])
+        with self._memo_lock:
+            self._base_id_memo = (now, base_id)
+        return base_id
+
+    def _ca_sha256(self, path: Path) -> str:
+        """Blocking: the CA bundle's hash, computed again only when the file changes."""
+        st = path.stat()
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._memo_lock:
+            cached = self._ca_memo
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        digest = file_sha256(path)
+        with self._memo_lock:
+            self._ca_memo = (key, digest)
+        return digest
 
     def _image_exists(self, tag: str) -> bool:
         try:
