@@ -260,10 +260,12 @@ class Worker(MultiService):
     async def _stop_in_order(self) -> None:
         if self.registration is not None and self.registration.running:
             await maybeDeferred(self.registration.stopService)
-        self.builder.abort_builds()
         pools = [self.file_pool, self.docker_pool]
         for service in [s for s in reversed(list(self)) if s not in pools]:
             await self._stop_one(service)
+        # After the manager: its jobs end WORKER_FAILED ("worker shut down"), not
+        # FAILED by a build aborted under them; the builds then give up.
+        self.builder.abort_builds()
         try:
             await self.logs.close_all()
         except Exception:
