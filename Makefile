@@ -46,10 +46,10 @@ run: install base-image
 # Regenerate the protobuf modules and the test client stubs from the .proto files.
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
-	    fluster_worker/rpc/cluster.proto fluster_worker/rpc/errors.proto
+	    fluster_worker/web/rpc/cluster.proto fluster_worker/web/rpc/errors.proto
 	$(BIN)/python -m grpc_tools.protoc -I . --plugin=protoc-gen-connect-python=$(BIN)/protoc-gen-connect-python \
-	    --connect-python_out=tests/stubs fluster_worker/rpc/cluster.proto
-	mv tests/stubs/fluster_worker/rpc/cluster_connect.py tests/stubs/cluster_connect.py
+	    --connect-python_out=tests/stubs fluster_worker/web/rpc/cluster.proto
+	mv tests/stubs/fluster_worker/web/rpc/cluster_connect.py tests/stubs/cluster_connect.py
 	rm -rf tests/stubs/fluster_worker
 
 bench: install base-image

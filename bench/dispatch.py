@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import cloudpickle  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
-from fluster_worker.rpc import cluster_pb2 as pb  # noqa: E402
+from fluster_worker.web.rpc import cluster_pb2 as pb  # noqa: E402
 from tests.jobkit import Entrypoint, make_bundle, start_worker, worker_config  # noqa: E402
 
 DOCKER = shutil.which("docker") or "docker"

@@ -33,8 +33,8 @@ import docker  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
 
+from fluster_worker.common.threads import BlockingPool  # noqa: E402
 from fluster_worker.logs import LogFollower, LogQuery, LogStore  # noqa: E402
-from fluster_worker.threads import BlockingPool  # noqa: E402
 
 IMAGE = "fluster-base:bookworm"
 

@@ -81,7 +81,7 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
             values[name] = parse(raw)
         except ValueError:
             raise usage.UsageError(f"--{name}: invalid value {raw!r}") from None
-    from fluster_worker.ports import parse_port_range
+    from fluster_worker.containers.ports import parse_port_range
 
     try:
         port_range = parse_port_range(values.pop("port-range", "30000-39999"))
@@ -120,6 +120,6 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
-    from fluster_worker.assemble import assemble
+    from fluster_worker.worker import assemble
 
     return assemble(options.config, reactor)

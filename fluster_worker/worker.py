@@ -21,19 +21,25 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from fluster_worker.builder import ImageBuilder
-from fluster_worker.bundle import BundleCache
+from fluster_worker.bundles.cache import BundleCache
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
-from fluster_worker.controller import ControllerClient, Registration, RegistrationAdvert, ReportQueue
-from fluster_worker.docker import ContainerRuntime
-from fluster_worker.execution import Toolkit
-from fluster_worker.jobstore import JobStore
+from fluster_worker.containers.ports import PortAllocator
+from fluster_worker.containers.runtime import ContainerRuntime
+from fluster_worker.controller import (
+    ControllerClient,
+    Registration,
+    RegistrationAdvert,
+    ReportQueue,
+    load_or_create_worker_id,
+)
+from fluster_worker.controller.reporter import JobReporter
+from fluster_worker.images.builder import ImageBuilder
+from fluster_worker.jobs.execution import Toolkit
+from fluster_worker.jobs.manager import JobManager
+from fluster_worker.jobs.model import JobRecord
+from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import LogFollower, LogStore
-from fluster_worker.manager import JobManager
-from fluster_worker.ports import PortAllocator
-from fluster_worker.reporting import JobReporter
-from fluster_worker.threads import BlockingPool
-from fluster_worker.worker_types import JobRecord
 
 DockerClientFactory = Callable[[], Any]
 
@@ -229,7 +235,7 @@ class Worker(MultiService):
             self.manager.ready().addCallback(lambda _: web.startService() if self.running else None)
 
     def _listening(self, port: int) -> Deferred[None]:
-        from fluster_worker.controller.machine import advertise_address, advertise_host
+        from fluster_worker.host import advertise_address, advertise_host
 
         controller_host = None
         if self.config.controller:
@@ -348,3 +354,14 @@ def _shared(factory: DockerClientFactory) -> DockerClientFactory:
         return holder[0]
 
     return get
+
+
+def assemble(config: WorkerConfig, reactor: Any, **overrides: Any) -> Worker:
+    """The whole worker from a WorkerConfig: what ``makeService`` returns."""
+    from fluster_worker.web.app import build_site
+
+    # Once, before the reactor runs: a small file read at start-up.
+    worker_id = load_or_create_worker_id(config.state_dir, config.worker_id)
+    worker = Worker(config, reactor, worker_id=worker_id, **overrides)
+    worker.add_web(build_site(worker))
+    return worker

@@ -37,7 +37,7 @@ def blocking_pool() -> Iterator[object]:
     """A started BlockingPool on the real reactor, stopped after the test."""
     from twisted.internet import reactor
 
-    from fluster_worker.threads import BlockingPool
+    from fluster_worker.common.threads import BlockingPool
 
     pool = BlockingPool(reactor, "test-pool", max_threads=8)  # type: ignore[arg-type]
     pool.startService()

@@ -17,11 +17,10 @@ import cloudpickle
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from fluster_worker.assemble import assemble
 from fluster_worker.config import WorkerConfig
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.client import WorkerClient
-from fluster_worker.worker import Worker
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.worker import Worker, assemble
 
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_KILLED, pb.JOB_STATE_WORKER_FAILED}

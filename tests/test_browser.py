@@ -22,10 +22,10 @@ import pytest_twisted
 import treq
 from twisted.internet.threads import deferToThread
 
-from fluster_worker.app import build_resource
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.jobs.model import JobState
 from fluster_worker.testing.dashboard import FakeWorker, make_record
-from fluster_worker.worker_types import JobState
+from fluster_worker.web.app import build_resource
+from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle, until
 from tests.test_dashboard import start_recovered_worker
 

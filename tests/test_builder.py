@@ -31,7 +31,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from fluster_worker.builder import (
+from fluster_worker.images.builder import (
     CONTAINER_APP_DIR,
     CONTAINER_ENTRYPOINT_PATH,
     CONTAINER_OUT_DIR,
@@ -43,7 +43,7 @@ from fluster_worker.builder import (
     runner_command,
     validate,
 )
-from fluster_worker.dockerfile import IMAGE_LABEL, INPUTS_LABEL, LAYER_LABEL, BuildInputs, BuildOutput
+from fluster_worker.images.dockerfile import IMAGE_LABEL, INPUTS_LABEL, LAYER_LABEL, BuildInputs, BuildOutput
 from fluster_worker.testing.builder import FakeImageBuilder
 
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

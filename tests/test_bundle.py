@@ -34,9 +34,9 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from fluster_worker import unzip
-from fluster_worker.bundle import BundleCache, BundleError, BundleLease
-from fluster_worker.bundle_fetch import HIGH_WATER, BodySink
+from fluster_worker.bundles import unzip
+from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
+from fluster_worker.bundles.fetch import HIGH_WATER, BodySink
 from fluster_worker.testing.bundle import RecordingPool
 
 reactor: Any = _reactor

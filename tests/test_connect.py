@@ -13,10 +13,10 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.rpc.connect import ConnectRouter, mount_unknown_services
-from fluster_worker.rpc.errors import Code, ConnectError
-from fluster_worker.rpc.site import bounded_site
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.connect import ConnectRouter, mount_unknown_services
+from fluster_worker.web.rpc.errors import Code, ConnectError
+from fluster_worker.web.rpc.site import bounded_site
 
 LIMIT = 64 * 1024
 

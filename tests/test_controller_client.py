@@ -22,8 +22,8 @@ from fluster_worker.controller.client import (
     ControllerUnavailable,
     parse_connect_error,
 )
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.controller import FakeController, connect_error_body, stub_client
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 Seen = list[tuple[bytes, str, dict[bytes, list[bytes]], bytes]]
 

@@ -28,8 +28,8 @@ from twisted.web.wsgi import WSGIResource
 from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerClient, ControllerError
 from fluster_worker.controller.reports import ReportQueue
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.controller import FakeController, poll_until
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 reactor: Any = _reactor
 

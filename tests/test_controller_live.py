@@ -17,8 +17,8 @@ from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerClient, ControllerUnavailable
 from fluster_worker.controller.registration import Registration, RegistrationAdvert
 from fluster_worker.controller.reports import ReportQueue
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.controller import FakeController, poll_until
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 reactor: Any = _reactor
 FAST = Backoff(initial_s=0.05, max_s=0.2, factor=2.0, jitter=0.5)

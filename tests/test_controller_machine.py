@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from fluster_worker.controller.machine import (
+from fluster_worker.controller.advert import resource_spec, worker_metadata
+from fluster_worker.host import (
     GIB,
     MIB,
     GpuInfo,
@@ -21,8 +22,6 @@ from fluster_worker.controller.machine import (
     local_ip_toward,
     memory_total_bytes,
     probe_machine,
-    resource_spec,
-    worker_metadata,
 )
 
 FACTS = MachineFacts(hostname="box", ip_address="10.1.2.3", cpu_count=8, memory_bytes=23 * GIB + 900 * MIB)

@@ -12,15 +12,15 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs
 
 from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerError, ControllerUnavailable
-from fluster_worker.controller.machine import MachineFacts
 from fluster_worker.controller.registration import Registration, RegistrationAdvert
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.host import MachineFacts
 from fluster_worker.testing.controller import (
     FakeController,
     InlinePool,
     ScriptedControllerClient,
     stub_client,
 )
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 NAMESPACE = "fluster_worker.controller.registration"
 FACTS = MachineFacts(hostname="box", ip_address="10.0.0.9", cpu_count=4, memory_bytes=8 * 1024**3)

@@ -13,7 +13,6 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs
 from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerError, ControllerUnavailable
 from fluster_worker.controller.reports import ReportQueue, report_path
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.controller import (
     FakeController,
     InlinePool,
@@ -21,6 +20,7 @@ from fluster_worker.testing.controller import (
     ScriptedControllerClient,
     stub_client,
 )
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 NAMESPACE = "fluster_worker.controller.reports"
 RUNNING, SUCCEEDED, FAILED = pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED

@@ -20,13 +20,13 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
-from fluster_worker.api import Facts
-from fluster_worker.app import SECURITY_HEADERS, build_resource
 from fluster_worker.config import WorkerConfig
-from fluster_worker.dashboard import _shielded, controller_url, fmt_duration, same_origin
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.jobs.model import JobSpec, JobState
 from fluster_worker.testing.dashboard import T0_MS, FakeRegistration, FakeWorker, make_record
-from fluster_worker.worker_types import JobSpec, JobState
+from fluster_worker.web.api import Facts
+from fluster_worker.web.app import SECURITY_HEADERS, build_resource
+from fluster_worker.web.dashboard import _shielded, controller_url, fmt_duration, same_origin
+from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle, start_worker, until, worker_config
 
 BASE = "http://worker.test"

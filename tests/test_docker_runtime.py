@@ -22,7 +22,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.internet.task import deferLater
 
-from fluster_worker.docker import (
+from fluster_worker.common.threads import BlockingPool
+from fluster_worker.containers.ports import PortAllocator
+from fluster_worker.containers.runtime import (
     ContainerError,
     ContainerRuntime,
     ContainerSpec,
@@ -32,8 +34,6 @@ from fluster_worker.docker import (
     container_name,
     sanitize_name_part,
 )
-from fluster_worker.ports import PortAllocator
-from fluster_worker.threads import BlockingPool
 
 MiB = 2**20
 DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")

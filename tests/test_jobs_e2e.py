@@ -17,8 +17,8 @@ import pytest
 import pytest_twisted
 import treq
 
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.client import RpcError
+from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle, start_worker, until, worker_config
 
 pytestmark = pytest.mark.docker

@@ -14,8 +14,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from fluster_worker.rpc import cluster_pb2 as pb
 from fluster_worker.testing.client import RpcError
+from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import TERMINAL, Harness, entrypoint, make_bundle, start_worker, worker_config
 
 pytestmark = pytest.mark.docker

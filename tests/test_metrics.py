@@ -15,12 +15,12 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 
-from fluster_worker.api import Facts
-from fluster_worker.app import build_resource
-from fluster_worker.metrics import WorkerMetrics
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.jobs.model import BuildInfo, JobRecord, JobState
 from fluster_worker.testing.dashboard import FakeRegistration, FakeWorker, make_record
-from fluster_worker.worker_types import BuildInfo, JobRecord, JobState
+from fluster_worker.web.api import Facts
+from fluster_worker.web.app import build_resource
+from fluster_worker.web.metrics import WorkerMetrics
+from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle
 from tests.test_dashboard import start_recovered_worker
 

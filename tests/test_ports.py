@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fluster_worker.ports import (
+from fluster_worker.containers.ports import (
     MAX_PORTS_PER_JOB,
     PortAllocator,
     PortsExhausted,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fluster_worker.resources import (
+from fluster_worker.containers.resources import (
     MAX_CPU_CORES,
     MAX_MEMORY_BYTES,
     MIN_MEMORY_BYTES,

@@ -20,7 +20,7 @@ from typing import Any
 import cloudpickle
 import pytest
 
-from fluster_worker.builder import RUNNER_PATH
+from fluster_worker.images.builder import RUNNER_PATH
 
 # Functions of this module are pickled by value: the runner cannot import tests.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

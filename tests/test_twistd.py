@@ -17,7 +17,7 @@ from cluster_connect import WorkerServiceClientSync
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")

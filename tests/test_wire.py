@@ -17,7 +17,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from twisted.internet.threads import deferToThread
 
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle, start_worker, worker_config
 
 pytestmark = pytest.mark.docker

@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 
 class BlockingRunner(Protocol):
-    """What we need of ``fluster_worker.threads.BlockingPool``: run a blocking
+    """What we need of ``fluster_worker.common.threads.BlockingPool``: run a blocking
     callable off the reactor thread."""
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...

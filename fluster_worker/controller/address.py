@@ -7,17 +7,16 @@ substring matches.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from fluster_worker.host import is_local_host
 
 MAX_ADDRESS_LENGTH = 2048
 
 # The container runtime maps this name to the host (`--add-host
 # host.docker.internal:host-gateway`); a loopback controller is reachable there.
 CONTAINER_HOST_ALIAS = "host.docker.internal"
-
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
 
 
 @dataclass(frozen=True)
@@ -91,24 +90,6 @@ def normalize_controller_url(address: str) -> str:
     trailing slash."""
     return parse_controller_address(address).url
 
-
-def is_local_host(host: str) -> bool:
-    """True when ``host`` (exactly, no substring matching) names this machine as
-    seen from itself only: loopback names and addresses (127.0.0.0/8, ::1, and
-    their IPv4-mapped forms) and the unspecified addresses 0.0.0.0 / ::, which a
-    connect() also sends to the local host."""
-    name = host.strip().lower()
-    if name.startswith("[") and name.endswith("]"):
-        name = name[1:-1]
-    if name in _LOOPBACK_NAMES:
-        return True
-    try:
-        ip = ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_unspecified
 
 
 def container_controller_address(controller_address: str) -> str:

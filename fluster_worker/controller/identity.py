@@ -13,7 +13,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from fluster_worker.files import write_atomically
+from fluster_worker.common.files import write_atomically
 
 log = Logger()
 

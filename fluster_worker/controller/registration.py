@@ -26,17 +26,16 @@ from twisted.python.failure import Failure
 
 from fluster_worker.controller._types import BlockingRunner, Clock, Timer
 from fluster_worker.controller.address import parse_controller_address
+from fluster_worker.controller.advert import resource_spec, worker_metadata
 from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerCaller
-from fluster_worker.controller.machine import (
+from fluster_worker.host import (
     MachineFacts,
     advertise_address,
     probe_machine,
-    resource_spec,
     validate_memory_option,
-    worker_metadata,
 )
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 log = Logger()
 

@@ -43,11 +43,11 @@ from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.files import write_atomically
 from fluster_worker.controller._types import BlockingRunner, Clock, Timer
 from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerCaller, ControllerError
-from fluster_worker.files import write_atomically
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 log = Logger()
 

@@ -57,6 +57,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.logs.disk import (
     LINE_OVERHEAD,
     JobFiles,
@@ -74,7 +75,6 @@ from fluster_worker.logs.model import (
     LogStats,
 )
 from fluster_worker.logs.query import ReadStats, compile_query, run_query
-from fluster_worker.threads import BlockingPool
 
 T = TypeVar("T")
 

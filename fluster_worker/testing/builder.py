@@ -13,7 +13,7 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from fluster_worker.builder import BuildError, BuildResult, InvalidBuildInput, validate
+from fluster_worker.images.builder import BuildError, BuildResult, InvalidBuildInput, validate
 
 
 @dataclass

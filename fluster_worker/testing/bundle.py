@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 
-from fluster_worker.bundle import Bundle, BundleError, BundleLease
-from fluster_worker.threads import BlockingPool
+from fluster_worker.bundles.cache import Bundle, BundleError, BundleLease
+from fluster_worker.common.threads import BlockingPool
 
 T = TypeVar("T")
 

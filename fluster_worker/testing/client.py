@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import treq
 from google.protobuf.message import Message
 
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 

@@ -36,7 +36,7 @@ from twisted.web.server import Request, Site
 
 from fluster_worker.controller._types import Clock
 from fluster_worker.controller.client import SERVICE, ControllerClient
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)

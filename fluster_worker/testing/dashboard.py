@@ -1,4 +1,4 @@
-"""Test doubles for the dashboard, its API and the metrics (``fluster_worker.app``).
+"""Test doubles for the dashboard, its API and the metrics (``fluster_worker.web.app``).
 
 - `FakeLogs`: the LogStore's read side in memory (``query`` with the LogQuery
   semantics the pages use, ``line_count``, ``bytes_read``).
@@ -21,10 +21,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from fluster_worker.config import WorkerConfig
+from fluster_worker.jobs.model import BuildInfo, JobRecord, JobSpec, JobState, Usage
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine, LogQuery
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.rpc.errors import Code, ConnectError
-from fluster_worker.worker_types import BuildInfo, JobRecord, JobSpec, JobState, Usage
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.errors import Code, ConnectError
 
 T0_MS = 1_700_000_000_000  # a fixed "now" for records and clocks
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fluster_worker.controller import ReportQueue
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.worker_types import JobRecord, JobState
+from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 # WORKER_FAILED too: a job its worker lost must not vanish from the controller.
 REPORTED = frozenset(

@@ -37,7 +37,9 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, NotFound
 
 from fluster_worker import __version__
-from fluster_worker.api import (
+from fluster_worker.jobs.model import JobRecord, valid_job_id
+from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine
+from fluster_worker.web.api import (
     DEFAULT_TAIL,
     MAX_JOBS,
     MAX_LOG_LINES,
@@ -58,9 +60,7 @@ from fluster_worker.api import (
     select_jobs,
     worker_stats,
 )
-from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine
-from fluster_worker.rpc.errors import ConnectError
-from fluster_worker.worker_types import JobRecord, valid_job_id
+from fluster_worker.web.rpc.errors import ConnectError
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"

@@ -26,10 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from fluster_worker.rpc import codec
-from fluster_worker.rpc.errors import Code, ConnectError
-from fluster_worker.rpc.errors_pb2 import ErrorDetails
-from fluster_worker.rpc.site import DEFAULT_MAX_BODY_BYTES
+from fluster_worker.web.rpc import codec
+from fluster_worker.web.rpc.errors import Code, ConnectError
+from fluster_worker.web.rpc.errors_pb2 import ErrorDetails
+from fluster_worker.web.rpc.site import DEFAULT_MAX_BODY_BYTES
 
 # Bodies bigger than this are decompressed and parsed off the reactor thread.
 _INLINE_BODY_BYTES = 256 * 1024

@@ -18,8 +18,8 @@ import docker.errors
 from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 
-from fluster_worker.dockerfile import IMAGE_LABEL, LAYER_LABEL
-from fluster_worker.threads import BlockingPool
+from fluster_worker.common.threads import BlockingPool
+from fluster_worker.images.dockerfile import IMAGE_LABEL, LAYER_LABEL
 
 
 class _Clock(Protocol):

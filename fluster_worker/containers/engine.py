@@ -1,8 +1,8 @@
 """docker-py access for the container runtime: one lazily made client, calls run on the
 BlockingPool, and Docker or transport errors turned into a one-line ``ContainerError``.
 
-Shared by ``ContainerRuntime`` (fluster_worker.docker) and its exit watcher
-(fluster_worker.container_events), whose events thread uses the same client.
+Shared by ``ContainerRuntime`` (fluster_worker.containers.runtime) and its exit watcher
+(fluster_worker.containers.events), whose events thread uses the same client.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import docker.errors
 import requests
 from twisted.internet.defer import Deferred
 
-from fluster_worker.threads import BlockingPool
+from fluster_worker.common.threads import BlockingPool
 
 __all__ = ["ContainerError", "Engine", "explain"]
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 
+from fluster_worker.jobs.manager import JobManager
+from fluster_worker.jobs.model import valid_job_id
 from fluster_worker.logs import InvalidLogQuery, LogQuery, LogQueryTimeout, LogStore
-from fluster_worker.manager import JobManager
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.rpc.errors import Code, ConnectError
-from fluster_worker.worker_types import valid_job_id
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.errors import Code, ConnectError
 
 
 class WorkerService:

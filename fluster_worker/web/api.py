@@ -26,8 +26,8 @@ from twisted.web.server import Request
 
 from fluster_worker import __version__
 from fluster_worker.config import WorkerConfig
+from fluster_worker.jobs.model import JobRecord, JobState, valid_job_id
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine, LogQuery
-from fluster_worker.worker_types import JobRecord, JobState, valid_job_id
 
 #: The most log lines one request returns (server-rendered or JSON).
 MAX_LOG_LINES = 5000

@@ -24,9 +24,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.container_engine import ContainerError, Engine, explain
-from fluster_worker.container_spec import WORKER_ID_LABEL
-from fluster_worker.container_status import ExitStatus, exit_status
+from fluster_worker.containers.engine import ContainerError, Engine, explain
+from fluster_worker.containers.spec import WORKER_ID_LABEL
+from fluster_worker.containers.status import ExitStatus, exit_status
 
 __all__ = ["DelayedCall", "ExitWatcher", "Reactor"]
 

@@ -39,8 +39,8 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from fluster_worker import unzip
-from fluster_worker.bundle_fetch import (
+from fluster_worker.bundles import unzip
+from fluster_worker.bundles.fetch import (
     Abort,
     BundleError,
     Fetched,
@@ -49,7 +49,7 @@ from fluster_worker.bundle_fetch import (
     parse_source,
     shown,
 )
-from fluster_worker.threads import BlockingPool
+from fluster_worker.common.threads import BlockingPool
 
 __all__ = ["Bundle", "BundleCache", "BundleError", "BundleLease"]
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fluster_worker.resources import MIN_MEMORY_BYTES
+from fluster_worker.containers.resources import MIN_MEMORY_BYTES
 
 __all__ = [
     "ATTEMPT_ID_LABEL",

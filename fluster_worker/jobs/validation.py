@@ -7,10 +7,11 @@ import os
 import re
 import uuid
 
-from fluster_worker import builder, ports, resources
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.rpc.errors import Code, ConnectError
-from fluster_worker.worker_types import JobSpec, valid_job_id
+from fluster_worker.containers import ports, resources
+from fluster_worker.images import builder
+from fluster_worker.jobs.model import JobSpec, valid_job_id
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.errors import Code, ConnectError
 
 MAX_ENTRYPOINT_BYTES = 16 * 2**20
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")

@@ -32,8 +32,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from fluster_worker import unzip
-from fluster_worker.threads import BlockingPool
+from fluster_worker.bundles import unzip
+from fluster_worker.common.threads import BlockingPool
 
 T = TypeVar("T")
 Source = tuple[str, str]  # ("file", "/abs/path") or (scheme, url)

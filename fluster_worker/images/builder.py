@@ -4,7 +4,7 @@ environment, and garbage-collects those images.
 An image is content-addressed: its tag `fluster-job:<16 hex>` hashes the base
 image id, pyproject.toml and uv.lock (or their absence), extras, pip packages,
 the runner's source, the uv version, the index options and the CA bundle (see
-`fluster_worker.dockerfile`). Jobs with the same dependencies share one image.
+`fluster_worker.images.dockerfile`). Jobs with the same dependencies share one image.
 
 States of one tag, all on the reactor thread:
 - no entry: `build()` computes the inputs in the pool, then starts a build;
@@ -36,7 +36,8 @@ import docker.errors
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
-from fluster_worker.dockerfile import (
+from fluster_worker.common.threads import BlockingPool
+from fluster_worker.images.dockerfile import (
     CONTAINER_APP_DIR,
     CONTAINER_ENTRYPOINT_PATH,
     CONTAINER_IO_DIR,
@@ -59,8 +60,7 @@ from fluster_worker.dockerfile import (
     validate_index_url,
     validate_repository,
 )
-from fluster_worker.image_gc import ImageGC, one_line
-from fluster_worker.threads import BlockingPool
+from fluster_worker.images.gc import ImageGC, one_line
 
 __all__ = [
     "CONTAINER_APP_DIR",
@@ -383,7 +383,7 @@ class ImageBuilder:
         if not self._image_exists(inputs.tag):
             raise BuildError(f"image build failed: {inputs.tag} missing after the build")
 
-    # --- leases and gc (fluster_worker.image_gc) ------------------------------
+    # --- leases and gc (fluster_worker.images.gc) ------------------------------
 
     def lease(self, tag: str) -> Callable[[], None]:
         """Mark tag in use (gc keeps it); call the returned function, once or

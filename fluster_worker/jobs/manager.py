@@ -17,14 +17,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker import validation
-from fluster_worker.execution import JobExecution, Toolkit
-from fluster_worker.jobstore import JobStore, ResultTooLarge
+from fluster_worker.containers.ports import PortAllocator, PortsExhausted
+from fluster_worker.jobs import validation
+from fluster_worker.jobs.execution import JobExecution, Toolkit
+from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
-from fluster_worker.ports import PortAllocator, PortsExhausted
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.rpc.errors import Code, ConnectError
-from fluster_worker.worker_types import JobRecord, JobState
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.errors import Code, ConnectError
 
 StateListener = Callable[[JobRecord], None]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
-from fluster_worker.files import write_atomically
-from fluster_worker.threads import BlockingPool
-from fluster_worker.worker_types import JobRecord
+from fluster_worker.common.files import write_atomically
+from fluster_worker.common.threads import BlockingPool
+from fluster_worker.jobs.model import JobRecord
 
 
 class ResultTooLarge(Exception):

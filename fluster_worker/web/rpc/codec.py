@@ -9,7 +9,7 @@ import zlib
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 
-from fluster_worker.rpc.errors import Code, ConnectError
+from fluster_worker.web.rpc.errors import Code, ConnectError
 
 PROTO = "application/proto"
 JSON = "application/json"

@@ -1,4 +1,5 @@
-"""Local machine facts for RegisterWorker: cores, memory, GPUs, the address to advertise.
+"""Local machine facts: cores, memory, GPUs, the address to advertise (for the
+controller link and the pages).
 
 Everything here is local (procfs, sockets, nvidia-smi); nothing asks a cloud metadata
 endpoint. The probes block (file reads, a subprocess, maybe a DNS lookup): call
@@ -17,15 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluster_worker.controller.address import is_local_host
-from fluster_worker.rpc import cluster_pb2 as pb
-
 GIB = 1024**3
 MIB = 1024**2
 
 # A documentation address (TEST-NET-1): connect()ing a UDP socket to it makes the
 # kernel pick the interface of the default route; no packet is sent.
 _DEFAULT_ROUTE_PROBE = "192.0.2.1"
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
 
 _MEMORY = re.compile(r"(?i)(\d{1,12}(?:\.\d{1,6})?)(?:b|[kmgt]i?b?)?")
 _GPU_FAMILIES = (
@@ -247,31 +246,20 @@ def probe_machine(
         advertise_host=configured,
     )
 
-
-def resource_spec(facts: MachineFacts, cpu: int | None = None, memory: str | None = None) -> pb.ResourceSpec:
-    """What the worker offers. ``cpu``/``memory`` override the detected values; a
-    device is set only when a GPU is really present."""
-    if cpu is not None and cpu < 1:
-        raise ValueError(f"cpu {cpu} must be at least 1")
-    spec = pb.ResourceSpec(
-        cpu=cpu if cpu is not None else facts.cpu_count,
-        memory=validate_memory_option(memory) if memory else format_memory(facts.memory_bytes),
-    )
-    if facts.gpu is not None and facts.gpu.count > 0:
-        spec.device.gpu.variant = facts.gpu.variant
-        spec.device.gpu.count = facts.gpu.count
-    return spec
-
-
-def worker_metadata(facts: MachineFacts) -> pb.WorkerMetadata:
-    meta = pb.WorkerMetadata(
-        hostname=facts.hostname,
-        ip_address=facts.ip_address,
-        cpu_count=facts.cpu_count,
-        memory_bytes=facts.memory_bytes,
-    )
-    if facts.gpu is not None:
-        meta.gpu_count = facts.gpu.count
-        meta.gpu_name = facts.gpu.name
-        meta.gpu_memory_mb = facts.gpu.memory_mb
-    return meta
+def is_local_host(host: str) -> bool:
+    """True when ``host`` (exactly, no substring matching) names this machine as
+    seen from itself only: loopback names and addresses (127.0.0.0/8, ::1, and
+    their IPv4-mapped forms) and the unspecified addresses 0.0.0.0 / ::, which a
+    connect() also sends to the local host."""
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified

@@ -33,8 +33,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from fluster_worker import __version__
-from fluster_worker.api import ManagerView, line_count
-from fluster_worker.worker_types import JobRecord, JobState
+from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.web.api import ManagerView, line_count
 
 PREFIX = "fluster_worker_"
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -28,9 +28,10 @@ from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.container_engine import ContainerError, Engine
-from fluster_worker.container_events import DelayedCall, ExitWatcher, Reactor
-from fluster_worker.container_spec import (
+from fluster_worker.common.threads import BlockingPool
+from fluster_worker.containers.engine import ContainerError, Engine
+from fluster_worker.containers.events import DelayedCall, ExitWatcher, Reactor
+from fluster_worker.containers.spec import (
     ATTEMPT_ID_LABEL,
     JOB_ID_LABEL,
     WORKER_ID_LABEL,
@@ -40,8 +41,7 @@ from fluster_worker.container_spec import (
     container_name,
     sanitize_name_part,
 )
-from fluster_worker.container_status import ExitStatus, SampleState, UsageSample, usage_sample
-from fluster_worker.threads import BlockingPool
+from fluster_worker.containers.status import ExitStatus, SampleState, UsageSample, usage_sample
 
 __all__ = [
     "ATTEMPT_ID_LABEL",

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fluster_worker.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc import cluster_pb2 as pb
 
 
 class JobState(enum.IntEnum):

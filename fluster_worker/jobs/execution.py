@@ -18,18 +18,18 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from fluster_worker.builder import BuildError, ImageBuilder
-from fluster_worker.bundle import BundleCache, BundleError, BundleLease
-from fluster_worker.docker import ContainerError, ContainerRuntime, ContainerSpec, Mount, container_name
-from fluster_worker.dockerfile import (
+from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
+from fluster_worker.containers.runtime import ContainerError, ContainerRuntime, ContainerSpec, Mount, container_name
+from fluster_worker.images.builder import BuildError, ImageBuilder
+from fluster_worker.images.dockerfile import (
     CONTAINER_APP_DIR,
     CONTAINER_ENTRYPOINT_PATH,
     CONTAINER_OUT_DIR,
     runner_command,
 )
-from fluster_worker.jobstore import JobStore
+from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import JobLog, LogFollower
-from fluster_worker.worker_types import JobRecord, JobState
 
 T = TypeVar("T")
 

@@ -23,13 +23,13 @@ from klein import Klein
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from fluster_worker.api import Facts, JobsApi, WorkerView
-from fluster_worker.dashboard import Dashboard
-from fluster_worker.metrics import WorkerMetrics
-from fluster_worker.rpc import cluster_pb2 as pb
-from fluster_worker.rpc.connect import CallObserver, ConnectRouter, mount_unknown_services
-from fluster_worker.rpc.site import bounded_site
-from fluster_worker.service import WorkerService
+from fluster_worker.web.api import Facts, JobsApi, WorkerView
+from fluster_worker.web.dashboard import Dashboard
+from fluster_worker.web.metrics import WorkerMetrics
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.connect import CallObserver, ConnectRouter, mount_unknown_services
+from fluster_worker.web.rpc.site import bounded_site
+from fluster_worker.web.service import WorkerService
 from fluster_worker.worker import Worker
 
 SECURITY_HEADERS: dict[bytes, bytes] = {
@@ -57,7 +57,7 @@ class SecureHeaders(Resource):
 
 
 def _memory_total_bytes() -> int:
-    from fluster_worker.controller.machine import memory_total_bytes
+    from fluster_worker.host import memory_total_bytes
 
     return memory_total_bytes()
 
