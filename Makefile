@@ -27,6 +27,7 @@ base-image: docker
 
 lint: install
 	$(BIN)/ruff check fluster_worker tests bench twisted
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

@@ -31,13 +31,15 @@ from fluster_worker.controller import (
     Registration,
     RegistrationAdvert,
     ReportQueue,
+    container_controller_address,
     load_or_create_worker_id,
+    normalize_controller_url,
 )
 from fluster_worker.controller.reporter import JobReporter
 from fluster_worker.images.builder import ImageBuilder
+from fluster_worker.jobs.env import ContainerEnv
 from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
-from fluster_worker.jobs.model import JobRecord
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import LogFollower, LogStore
 
@@ -171,11 +173,11 @@ class Worker(MultiService):
                 docker_path,
                 job_log,
                 cid,
-                lambda: self._is_running(cid),
-                last_entries=lambda n: self._last_entries(cid, n),
+                lambda: self.runtime.is_running(cid),
+                last_entries=lambda n: self.runtime.last_log_entries(cid, n),
             ),
             slots=DeferredSemaphore(jobs),
-            container_env=self.container_env,
+            container_env=ContainerEnv(_container_controller_address(config.controller)).of,
             changed=lambda record: None,
             labels=dict(config.extra_labels),
         )
@@ -187,7 +189,6 @@ class Worker(MultiService):
             self.ports,
             worker_id,
             cpu_count=config.cpu_count,
-            advertised_address=self.advertised_address,
             retention_count=config.retention_count,
             retention_seconds=config.retention_seconds,
         )
@@ -196,7 +197,6 @@ class Worker(MultiService):
         if config.controller:
             self._link_controller(config.controller)
         self.manager.setServiceParent(self)
-        self._docker_client = client
         self.web: WebService | None = None
         self._advertised = ""
 
@@ -298,50 +298,12 @@ class Worker(MultiService):
     def set_advertised_address(self, address: str) -> None:
         self._advertised = address
 
-    def container_env(self, record: JobRecord) -> dict[str, str]:
-        """The request's env_vars, then the FLUSTER_* variables overriding them."""
-        env = dict(record.spec.env_vars)
-        env["FLUSTER_JOB_ID"] = record.job_id
-        env["FLUSTER_ATTEMPT_ID"] = str(record.attempt_id)
-        env["FLUSTER_WORKER_ID"] = record.worker_id
-        env["FLUSTER_BIND_HOST"] = "0.0.0.0"
-        if self.config.controller:
-            env["FLUSTER_CONTROLLER_ADDRESS"] = self.container_controller_address()
-        if record.spec.bundle_url:
-            env["FLUSTER_BUNDLE_GCS_PATH"] = record.spec.bundle_url
-        for name, port in record.ports.items():
-            env[f"FLUSTER_PORT_{name.upper()}"] = str(port)
-        return env
-
-    def container_controller_address(self) -> str:
-        """Always a URL (``http://host:port``), whatever form the option took, with a
-        loopback controller host rewritten to one a container reaches."""
-        from fluster_worker.controller import container_controller_address, normalize_controller_url
-
-        return container_controller_address(normalize_controller_url(self.config.controller or ""))
-
-    def _last_entries(self, container_id: str, count: int) -> Deferred[dict[int, bytes]]:
-        """The container's last ``count`` timestamped entries per stream, through the
-        API on the docker pool: the follower's end-of-job check, without spawning a
-        second docker CLI per job."""
-
-        def read() -> dict[int, bytes]:
-            api = self._docker_client().api
-            return {
-                fd: bytes(api.logs(container_id, stdout=fd == 1, stderr=fd == 2, timestamps=True, tail=count))
-                for fd in (1, 2)
-            }
-
-        return self.docker_pool.run(read)
-
-    def _is_running(self, container_id: str) -> Deferred[bool]:
-        def check() -> bool:
-            try:
-                return bool(self._docker_client().containers.get(container_id).status == "running")
-            except Exception:
-                return False
-
-        return self.docker_pool.run(check)
+def _container_controller_address(controller: str | None) -> str:
+    """Always a URL (``http://host:port``), whatever form the option took, with a
+    loopback controller host rewritten to one a container reaches."""
+    if not controller:
+        return ""
+    return container_controller_address(normalize_controller_url(controller))
 
 
 def _shared(factory: DockerClientFactory) -> DockerClientFactory:

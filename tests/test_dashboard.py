@@ -23,10 +23,10 @@ from twisted.python.failure import Failure
 from fluster_worker.config import WorkerConfig
 from fluster_worker.jobs.model import JobSpec, JobState
 from fluster_worker.testing.dashboard import T0_MS, FakeRegistration, FakeWorker, make_record
-from fluster_worker.web.api import Facts
 from fluster_worker.web.app import SECURITY_HEADERS, build_resource
 from fluster_worker.web.dashboard import _shielded, controller_url, fmt_duration, same_origin
 from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.views import Facts
 from tests.jobkit import Harness, entrypoint, make_bundle, start_worker, until, worker_config
 
 BASE = "http://worker.test"

@@ -17,10 +17,10 @@ from treq.testing import StubTreq
 
 from fluster_worker.jobs.model import BuildInfo, JobRecord, JobState
 from fluster_worker.testing.dashboard import FakeRegistration, FakeWorker, make_record
-from fluster_worker.web.api import Facts
 from fluster_worker.web.app import build_resource
 from fluster_worker.web.metrics import WorkerMetrics
 from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.views import Facts
 from tests.jobkit import Harness, entrypoint, make_bundle
 from tests.test_dashboard import start_recovered_worker
 

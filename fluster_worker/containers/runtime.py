@@ -229,6 +229,30 @@ class ContainerRuntime(Service):
 
         return Deferred.fromCoroutine(run()).addErrback(_first_error)
 
+    def is_running(self, container_id: str) -> Deferred[bool]:
+        """Whether the container is running now; False when gone or unreachable."""
+
+        def check(api: Any) -> bool:
+            try:
+                return bool(api.inspect_container(container_id)["State"].get("Running"))
+            except docker.errors.NotFound:
+                return False
+
+        return self._call("container inspect", check).addErrback(lambda _: False)
+
+    def last_log_entries(self, container_id: str, count: int) -> Deferred[dict[int, bytes]]:
+        """The container's last ``count`` timestamped log entries per stream (1 stdout,
+        2 stderr), through the API: the log follower's end-of-job check, without a
+        second docker CLI per job."""
+
+        def read(api: Any) -> dict[int, bytes]:
+            return {
+                fd: bytes(api.logs(container_id, stdout=fd == 1, stderr=fd == 2, timestamps=True, tail=count))
+                for fd in (1, 2)
+            }
+
+        return self._call("container logs", read)
+
     # -- usage ----------------------------------------------------------------
 
     def sample(self, container_id: str) -> Deferred[UsageSample | None]:

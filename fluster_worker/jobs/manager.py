@@ -20,11 +20,19 @@ from twisted.python.failure import Failure
 from fluster_worker.containers.ports import PortAllocator, PortsExhausted
 from fluster_worker.jobs import validation
 from fluster_worker.jobs.execution import JobExecution, Toolkit
-from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.jobs.model import (
+    InvalidJobRequest,
+    JobAlreadyExists,
+    JobNotFound,
+    JobRecord,
+    JobRequest,
+    JobState,
+    PreconditionFailed,
+    ResourcesExhausted,
+    WorkerUnavailable,
+)
 from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
-from fluster_worker.web.rpc import cluster_pb2 as pb
-from fluster_worker.web.rpc.errors import Code, ConnectError
 
 StateListener = Callable[[JobRecord], None]
 
@@ -41,7 +49,6 @@ class JobManager(Service):
         worker_id: str,
         *,
         cpu_count: int,
-        advertised_address: Callable[[], str] = lambda: "",
         retention_count: int = 1000,
         retention_seconds: float = 7 * 24 * 3600,
         max_result_bytes: int = 64 * 2**20,
@@ -52,14 +59,13 @@ class JobManager(Service):
         self._ports = ports
         self.worker_id = worker_id
         self._cpu_count = cpu_count
-        self._advertised_address = advertised_address
         self._retention_count = retention_count
         self._retention_seconds = retention_seconds
         self._max_result_bytes = max_result_bytes
         self._shutdown_grace = shutdown_grace_seconds
         self._kit = replace(kit, changed=self._changed)
         self._store: JobStore = kit.store
-        self.jobs: dict[str, JobRecord] = {}
+        self._jobs: dict[str, JobRecord] = {}
         self._active: dict[str, JobExecution] = {}
         self._listeners: list[StateListener] = []
         self._pruner = LoopingCall(self.prune)
@@ -97,9 +103,9 @@ class JobManager(Service):
         if removed:
             self.log.warn("removed {count} containers left by a previous worker process", count=removed)
         for record in await self._store.load_all():
-            if record.job_id in self.jobs:
+            if record.job_id in self._jobs:
                 continue
-            self.jobs[record.job_id] = record
+            self._jobs[record.job_id] = record
             if not record.state.terminal:
                 # The previous process died with this job unfinished: say so.
                 record.error = f"worker restarted while the job was {record.state.name}"
@@ -123,32 +129,30 @@ class JobManager(Service):
 
     # -- RPC entry points ------------------------------------------------------
 
-    def submit(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
-        """Validate and accept a job; raises ConnectError for bad input."""
+    def submit(self, request: JobRequest) -> JobRecord:
+        """Validate and accept a job (its record, PENDING); raises a JobError."""
         if not self._recovered:
-            raise ConnectError(Code.UNAVAILABLE, "the worker is starting; try again shortly")
+            raise WorkerUnavailable("the worker is starting; try again shortly")
         job_id = validation.job_id_of(request)
         attempt = request.attempt_id
-        existing = self.jobs.get(job_id)
+        existing = self._jobs.get(job_id)
         if existing is not None:
             if existing.attempt_id == attempt:
                 # A retried RunJob (e.g. after a controller timeout): idempotent.
-                return pb.RunJobResponse(job_id=job_id, state=int(existing.state))  # type: ignore[arg-type]
+                return existing
             if not existing.state.terminal:
-                raise ConnectError(
-                    Code.ALREADY_EXISTS,
+                raise JobAlreadyExists(
                     f"job {job_id} is already {existing.state.name} as attempt {existing.attempt_id}",
                 )
             if attempt < existing.attempt_id:
-                raise ConnectError(
-                    Code.ALREADY_EXISTS,
+                raise JobAlreadyExists(
                     f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
                 )
         spec = validation.job_spec(request, self._cpu_count)
         try:
             ports = self._ports.allocate(spec.port_names)
         except PortsExhausted as e:
-            raise ConnectError(Code.RESOURCE_EXHAUSTED, str(e)) from None
+            raise ResourcesExhausted(str(e)) from None
         record = JobRecord(
             job_id=job_id,
             attempt_id=attempt,
@@ -158,8 +162,8 @@ class JobManager(Service):
             ports=ports,
         )
         record.phases.append(("pending", record.submitted_at_ms))
-        self.jobs[job_id] = record
-        execution = JobExecution(record, request.serialized_entrypoint, self._kit)
+        self._jobs[job_id] = record
+        execution = JobExecution(record, request.entrypoint, self._kit)
         self._active[job_id] = execution
         # A replaced attempt's files go first; then the record is saved (so it is
         # on disk from PENDING on) and the run starts.
@@ -169,44 +173,54 @@ class JobManager(Service):
         cleared.addErrback(lambda f: self.log.failure("job {job_id} crashed", f, job_id=job_id))
         cleared.addBoth(lambda _: self._finished(job_id, execution))
         self.log.info("accepted job {job_id} attempt {attempt}", job_id=job_id, attempt=attempt)
-        return pb.RunJobResponse(job_id=job_id, state=int(record.state))  # type: ignore[arg-type]
+        return record
 
-    async def status(self, job_id: str, include_result: bool) -> pb.JobStatus:
-        record = self._get(job_id)
-        result = b""
-        if include_result and record.state is JobState.SUCCEEDED and record.has_result:
-            try:
-                result = await self._store.read_result(job_id, self._max_result_bytes)
-            except ResultTooLarge as e:
-                raise ConnectError(Code.RESOURCE_EXHAUSTED, str(e)) from None
-        return record.to_status(self._advertised_address(), result)
+    # -- queries (records are the manager's: callers read them, never change them) --
 
-    def list_statuses(self) -> list[pb.JobStatus]:
-        address = self._advertised_address()
-        return [r.to_status(address) for r in self.jobs.values()]
+    def get(self, job_id: str) -> JobRecord:
+        """The job's record; JobNotFound (InvalidJobRequest for a malformed id)."""
+        validation.check_job_id(job_id)
+        record = self._jobs.get(job_id)
+        if record is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return record
+
+    def find(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None (also for a malformed id)."""
+        return self._jobs.get(job_id)
+
+    def records(self) -> list[JobRecord]:
+        """Every job the worker still knows, finished ones included."""
+        return list(self._jobs.values())
+
+    def job_count(self) -> int:
+        return len(self._jobs)
+
+    async def result(self, job_id: str) -> bytes:
+        """The pickled return value of a SUCCEEDED job; b"" when it has none."""
+        record = self.get(job_id)
+        if record.state is not JobState.SUCCEEDED or not record.has_result:
+            return b""
+        try:
+            return await self._store.read_result(job_id, self._max_result_bytes)
+        except ResultTooLarge as e:
+            raise ResourcesExhausted(str(e)) from None
 
     async def kill(self, job_id: str, term_timeout_ms: int) -> None:
-        record = self._get(job_id)
+        record = self.get(job_id)
         execution = self._active.get(job_id)
         if record.state.terminal or execution is None:
-            raise ConnectError(Code.FAILED_PRECONDITION, f"job {job_id} already finished as {record.state.name}")
+            raise PreconditionFailed(f"job {job_id} already finished as {record.state.name}")
         if term_timeout_ms < 0:
-            raise ConnectError(Code.INVALID_ARGUMENT, f"invalid term_timeout_ms {term_timeout_ms}")
+            raise InvalidJobRequest(f"invalid term_timeout_ms {term_timeout_ms}")
         grace = (term_timeout_ms or 5000) / 1000.0
         self.log.info("killing job {job_id} (grace {grace} s)", job_id=job_id, grace=grace)
         await execution.kill(grace)
 
     def running_count(self) -> int:
-        return sum(1 for r in self.jobs.values() if r.state is JobState.RUNNING)
+        return sum(1 for r in self._jobs.values() if r.state is JobState.RUNNING)
 
     # -- internals -------------------------------------------------------------
-
-    def _get(self, job_id: str) -> JobRecord:
-        validation.check_job_id(job_id)
-        record = self.jobs.get(job_id)
-        if record is None:
-            raise ConnectError(Code.NOT_FOUND, f"job {job_id} not found")
-        return record
 
     def _changed(self, record: JobRecord) -> None:
         self._store.save(record).addErrback(
@@ -222,7 +236,7 @@ class JobManager(Service):
         if self._active.get(job_id) is execution:
             del self._active[job_id]
         self._ports.release(execution.record.ports.values())
-        if len(self.jobs) > self._retention_count:
+        if len(self._jobs) > self._retention_count:
             self.prune()
 
     def _forget_files(self, job_id: str) -> Deferred[None]:
@@ -236,16 +250,16 @@ class JobManager(Service):
         self._kit.builder.gc().addErrback(lambda f: self.log.failure("image gc failed", f))
         now = self._now_ms()
         finished = sorted(
-            (r for r in self.jobs.values() if r.state.terminal and r.job_id not in self._active),
+            (r for r in self._jobs.values() if r.state.terminal and r.job_id not in self._active),
             key=lambda r: r.finished_at_ms,
         )
-        excess = len(self.jobs) - self._retention_count
+        excess = len(self._jobs) - self._retention_count
         for record in finished:
             too_old = now - record.finished_at_ms > self._retention_seconds * 1000
             if excess <= 0 and not too_old:
                 break
             excess -= 1
-            del self.jobs[record.job_id]
+            del self._jobs[record.job_id]
             self._store.forget(record.job_id)
             self._forget_files(record.job_id).addErrback(self._log_delete_failure, record.job_id)
 

@@ -1,4 +1,7 @@
-"""Job records and the job lifecycle as an explicit state machine."""
+"""The job core's own words: what a job request asks for (JobRequest), what the
+worker keeps of a job (JobRecord, JobSpec), its lifecycle as an explicit state
+machine (JobState), and the errors the core raises. No wire types here: the web
+layer (``fluster_worker.web.wire``) translates."""
 
 from __future__ import annotations
 
@@ -7,21 +10,19 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fluster_worker.web.rpc import cluster_pb2 as pb
-
 
 class JobState(enum.IntEnum):
-    """The wire's JobState values (JOB_STATE_<NAME>)."""
+    """A job's state; the values are the wire's (JOB_STATE_<NAME>)."""
 
-    UNSPECIFIED = pb.JOB_STATE_UNSPECIFIED
-    PENDING = pb.JOB_STATE_PENDING
-    BUILDING = pb.JOB_STATE_BUILDING
-    RUNNING = pb.JOB_STATE_RUNNING
-    SUCCEEDED = pb.JOB_STATE_SUCCEEDED
-    FAILED = pb.JOB_STATE_FAILED
-    KILLED = pb.JOB_STATE_KILLED
-    WORKER_FAILED = pb.JOB_STATE_WORKER_FAILED
-    UNSCHEDULABLE = pb.JOB_STATE_UNSCHEDULABLE
+    UNSPECIFIED = 0
+    PENDING = 1
+    BUILDING = 2
+    RUNNING = 3
+    SUCCEEDED = 4
+    FAILED = 5
+    KILLED = 6
+    WORKER_FAILED = 7
+    UNSCHEDULABLE = 8
 
     @property
     def terminal(self) -> bool:
@@ -50,6 +51,76 @@ _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 class IllegalTransition(Exception):
     pass
+
+
+# -- errors the core raises (the web layer maps each to a Connect code) ------------
+
+
+class JobError(Exception):
+    """A request the job core refuses; ``message`` is one line for the caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidJobRequest(JobError):
+    """The request itself is wrong (a bad id, size, name...)."""
+
+
+class JobNotFound(JobError):
+    pass
+
+
+class JobAlreadyExists(JobError):
+    pass
+
+
+class PreconditionFailed(JobError):
+    """Not possible in the present state of the job or the worker: a kill after
+    the job finished, a device this worker does not have."""
+
+
+class ResourcesExhausted(JobError):
+    """The worker has no room for it now (ports, queue, disk)."""
+
+
+class WorkerUnavailable(JobError):
+    """The worker cannot take it now (starting, engine down); try again later."""
+
+
+# -- what a RunJob asks for ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """``resources.device``: ``kind`` is "cpu", "gpu" or "tpu" ("" for none)."""
+
+    kind: str = ""
+    variant: str = ""
+    count: int = 0
+    topology: str = ""
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A RunJob, unvalidated, in the core's terms. ``job_id`` "" asks for a
+    generated id."""
+
+    job_id: str = ""
+    attempt_id: int = 0
+    entrypoint: bytes = b""
+    bundle_url: str = ""
+    env_vars: dict[str, str] = field(default_factory=dict)
+    extras: tuple[str, ...] = ()
+    pip_packages: tuple[str, ...] = ()
+    workspace: str = ""
+    cpu: int = 0
+    memory: str = ""
+    disk: str = ""
+    device: DeviceRequest = DeviceRequest()
+    timeout_seconds: int = 0
+    port_names: tuple[str, ...] = ()
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -132,58 +203,6 @@ class JobRecord:
         """A step inside a state (e.g. "downloading bundle" while BUILDING)."""
         self.status_message = message
         self.phases.append((message, at_ms))
-
-    def to_status(self, worker_address: str = "", result: bytes = b"") -> pb.JobStatus:
-        status = pb.JobStatus(
-            job_id=self.job_id,
-            state=int(self.state),  # type: ignore[arg-type]
-            exit_code=self.exit_code,
-            error=self.error,
-            started_at_ms=self.started_at_ms,
-            finished_at_ms=self.finished_at_ms,
-            status_message=self.status_message,
-            worker_id=self.worker_id,
-            worker_address=worker_address,
-            serialized_result=result,
-            current_attempt_id=self.attempt_id,
-        )
-        for name, port in self.ports.items():
-            status.ports[name] = port
-        u = self.usage
-        status.resource_usage.CopyFrom(
-            pb.ResourceUsage(
-                memory_mb=u.memory_mb,
-                disk_mb=u.disk_mb,
-                cpu_millicores=u.cpu_millicores,
-                memory_peak_mb=u.memory_peak_mb,
-                cpu_percent=u.cpu_percent,
-                process_count=u.process_count,
-            )
-        )
-        b = self.build
-        status.build_metrics.CopyFrom(
-            pb.BuildMetrics(
-                build_started_ms=b.started_ms,
-                build_finished_ms=b.finished_ms,
-                from_cache=b.from_cache,
-                image_tag=b.image_tag,
-            )
-        )
-        status.attempts.append(
-            pb.JobAttempt(
-                attempt_id=self.attempt_id,
-                worker_id=self.worker_id,
-                state=int(self.state),  # type: ignore[arg-type]
-                exit_code=self.exit_code,
-                error=self.error,
-                started_at_ms=self.started_at_ms,
-                finished_at_ms=self.finished_at_ms,
-                is_worker_failure=self.state is JobState.WORKER_FAILED,
-            )
-        )
-        if self.state in (JobState.FAILED, JobState.WORKER_FAILED):
-            status.failure_count = 1
-        return status
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

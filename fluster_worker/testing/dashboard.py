@@ -2,7 +2,7 @@
 
 - `FakeLogs`: the LogStore's read side in memory (``query`` with the LogQuery
   semantics the pages use, ``line_count``, ``bytes_read``).
-- `FakeManager`: a JobManager's ``jobs``, listeners and ``kill``; `changed` fires
+- `FakeManager`: a JobManager's queries, listeners and ``kill`` over ``jobs``; `changed` fires
   the listeners as the real manager does on every state or phase change.
 - `FakeWorker`: what ``build_app`` reads from a Worker, on a ``task.Clock``.
 - `make_record`: JobRecords in any state, with a plausible timeline.
@@ -21,10 +21,16 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from fluster_worker.config import WorkerConfig
-from fluster_worker.jobs.model import BuildInfo, JobRecord, JobSpec, JobState, Usage
+from fluster_worker.jobs.model import (
+    BuildInfo,
+    JobNotFound,
+    JobRecord,
+    JobSpec,
+    JobState,
+    PreconditionFailed,
+    Usage,
+)
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine, LogQuery
-from fluster_worker.web.rpc import cluster_pb2 as pb
-from fluster_worker.web.rpc.errors import Code, ConnectError
 
 T0_MS = 1_700_000_000_000  # a fixed "now" for records and clocks
 
@@ -97,23 +103,34 @@ class FakeManager:
     def running_count(self) -> int:
         return sum(1 for r in self.jobs.values() if r.state is JobState.RUNNING)
 
-    # The read side of the RPC (WorkerService) over the same records.
+    # The JobManager's queries over the same records (what the pages and the
+    # WorkerService read).
 
-    async def status(self, job_id: str, include_result: bool) -> pb.JobStatus:
+    def find(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
         record = self.jobs.get(job_id)
         if record is None:
-            raise ConnectError(Code.NOT_FOUND, f"job {job_id} not found")
-        return record.to_status()
+            raise JobNotFound(f"job {job_id} not found")
+        return record
 
-    def list_statuses(self) -> list[pb.JobStatus]:
-        return [r.to_status() for r in self.jobs.values()]
+    def records(self) -> list[JobRecord]:
+        return list(self.jobs.values())
+
+    def job_count(self) -> int:
+        return len(self.jobs)
+
+    async def result(self, job_id: str) -> bytes:
+        self.get(job_id)
+        return b""
 
     def kill(self, job_id: str, term_timeout_ms: int) -> Deferred[None]:
         record = self.jobs.get(job_id)
         if record is None:
-            return fail(ConnectError(Code.NOT_FOUND, f"job {job_id} not found"))
+            return fail(JobNotFound(f"job {job_id} not found"))
         if record.state.terminal:
-            return fail(ConnectError(Code.FAILED_PRECONDITION, f"job {job_id} already finished"))
+            return fail(PreconditionFailed(f"job {job_id} already finished"))
         self.kills.append((job_id, term_timeout_ms))
 
         def done(_: object) -> None:

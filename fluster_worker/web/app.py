@@ -23,14 +23,14 @@ from klein import Klein
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from fluster_worker.web.api import Facts, JobsApi, WorkerView
+from fluster_worker.web.api import JobsApi
 from fluster_worker.web.dashboard import Dashboard
 from fluster_worker.web.metrics import WorkerMetrics
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.connect import CallObserver, ConnectRouter, mount_unknown_services
 from fluster_worker.web.rpc.site import bounded_site
 from fluster_worker.web.service import WorkerService
-from fluster_worker.worker import Worker
+from fluster_worker.web.views import Facts, WorkerView
 
 SECURITY_HEADERS: dict[bytes, bytes] = {
     b"content-security-policy": b"default-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
@@ -63,7 +63,7 @@ def _memory_total_bytes() -> int:
 
 
 def build_app(
-    worker: Worker | WorkerView,
+    worker: WorkerView,
     observe: CallObserver | None = None,
     *,
     metrics: WorkerMetrics | None = None,
@@ -87,7 +87,9 @@ def build_app(
         )
         metrics.watch(worker.manager)
     if service is None:
-        service = WorkerService(worker.manager, worker.logs, worker.reactor)  # type: ignore[arg-type]
+        service = WorkerService(
+            worker.manager, worker.logs, worker.reactor, worker.advertised_address  # type: ignore[arg-type]
+        )
     ConnectRouter(
         descriptor,
         service,
@@ -104,12 +106,12 @@ def build_app(
     return app
 
 
-def build_resource(worker: Worker | WorkerView, **kwargs: Any) -> Resource:
+def build_resource(worker: WorkerView, **kwargs: Any) -> Resource:
     """The app as a resource with the security headers (what the Site serves)."""
     return SecureHeaders(build_app(worker, **kwargs).resource())
 
 
-def build_site(worker: Worker) -> Site:
+def build_site(worker: WorkerView) -> Site:
     site = bounded_site(cast(IResource, build_resource(worker)), worker.config.max_body_bytes)
     # No access log: the dashboard's live follow polls twice a second per open page,
     # and Site writes a line per request to the twistd log (``noisy`` does not stop it).

@@ -37,9 +37,9 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, NotFound
 
 from fluster_worker import __version__
-from fluster_worker.jobs.model import JobRecord, valid_job_id
+from fluster_worker.jobs.model import JobError, JobRecord
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine
-from fluster_worker.web.api import (
+from fluster_worker.web.views import (
     DEFAULT_TAIL,
     MAX_JOBS,
     MAX_LOG_LINES,
@@ -60,7 +60,7 @@ from fluster_worker.web.api import (
     select_jobs,
     worker_stats,
 )
-from fluster_worker.web.rpc.errors import ConnectError
+from fluster_worker.web.wire import connect_error
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -196,13 +196,13 @@ class Dashboard:
         except BadRequest as e:
             return self.message(request, 400, "Bad request", str(e))
         now = now_ms(self._worker.reactor)
-        jobs = self._worker.manager.jobs
-        records = select_jobs(jobs.values(), state, MAX_JOBS)
+        everything = self._worker.manager.records()
+        records = select_jobs(everything, state, MAX_JOBS)
         return self.render(
             request,
             "index.html",
             stats=worker_stats(self._worker, self._facts),
-            counts=counts_by_state(jobs.values()),
+            counts=counts_by_state(everything),
             selected=state.name if state is not None else "",
             rows=[job_summary(r, now) for r in records[:PAGE_JOBS]],
             matching=len(records),
@@ -268,8 +268,9 @@ class Dashboard:
         try:
             # A browser that goes away must not cancel a kill halfway.
             await _shielded(self._worker.manager.kill(job_id, KILL_GRACE_MS))
-        except ConnectError as e:
-            return self.message(request, e.code.http_status, "Kill failed", e.message, back)
+        except JobError as e:
+            failed = connect_error(e)
+            return self.message(request, failed.code.http_status, "Kill failed", failed.message, back)
         self.log.info("job {job_id} killed from the dashboard", job_id=job_id)
         request.setResponseCode(303)
         request.setHeader(b"location", back.encode("ascii"))
@@ -291,9 +292,7 @@ class Dashboard:
         return hmac.new(self._secret, b"kill:" + job_id.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
     def _record(self, job_id: str) -> JobRecord | None:
-        if not valid_job_id(job_id):
-            return None
-        return self._worker.manager.jobs.get(job_id)
+        return self._worker.manager.find(job_id)
 
     # -- errors -----------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from fluster_worker import __version__
 from fluster_worker.jobs.model import JobRecord, JobState
-from fluster_worker.web.api import ManagerView, line_count
+from fluster_worker.web.views import ManagerView, line_count
 
 PREFIX = "fluster_worker_"
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -106,7 +106,7 @@ class WorkerMetrics:
             seen = self._seen[record.job_id] = _Seen(record.attempt_id)
             if not record.state.terminal:
                 self.jobs_submitted.inc()
-            if len(self._seen) > 2 * len(self._manager.jobs) + 100:
+            if len(self._seen) > 2 * self._manager.job_count() + 100:
                 self._forget_gone()
         if not record.build.image_tag:
             seen.untagged = True
@@ -137,12 +137,11 @@ class WorkerMetrics:
         return encoder(self.registry), content_type
 
     def _forget_gone(self) -> None:
-        jobs = self._manager.jobs
-        for job_id in [j for j in self._seen if j not in jobs]:
+        for job_id in [j for j in self._seen if self._manager.find(j) is None]:
             del self._seen[job_id]
 
     def live_metrics(self, worker_id: str) -> Iterator[Metric]:
-        jobs = list(self._manager.jobs.values())
+        jobs = self._manager.records()
         by_state = GaugeMetricFamily(PREFIX + "jobs", "Jobs the worker retains, by state.", labels=["state"])
         counts: dict[JobState, int] = {state: 0 for state in JobState if state is not JobState.UNSPECIFIED}
         for record in jobs:

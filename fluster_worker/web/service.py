@@ -1,63 +1,71 @@
 """WorkerService: the RPC methods of the wire contract, as plain methods.
 
-The Connect layer (``rpc.connect``) maps HTTP to these; they only speak
-messages and ``ConnectError``.
+The Connect layer (``rpc.connect``) maps HTTP to these. They translate
+messages to the job core's domain types and back (``wire``), and domain
+errors to ``ConnectError``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IReactorTime
 
 from fluster_worker.jobs.manager import JobManager
-from fluster_worker.jobs.model import valid_job_id
-from fluster_worker.logs import InvalidLogQuery, LogQuery, LogQueryTimeout, LogStore
+from fluster_worker.jobs.model import JobError, valid_job_id
+from fluster_worker.logs import InvalidLogQuery, LogQueryTimeout, LogStore
+from fluster_worker.web import wire
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.errors import Code, ConnectError
 
 
 class WorkerService:
-    def __init__(self, manager: JobManager, logs: LogStore, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        manager: JobManager,
+        logs: LogStore,
+        clock: IReactorTime,
+        advertised_address: Callable[[], str] = lambda: "",
+    ) -> None:
         self._manager = manager
         self._logs = logs
         self._clock = clock
+        self._address = advertised_address
         self._started = clock.seconds()
 
     def RunJob(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
-        return self._manager.submit(request)
+        try:
+            return wire.run_response(self._manager.submit(wire.job_request(request)))
+        except JobError as e:
+            raise wire.connect_error(e) from None
 
     async def GetJobStatus(self, request: pb.GetJobStatusRequest) -> pb.JobStatus:
-        return await self._manager.status(request.job_id, request.include_result)
+        try:
+            record = self._manager.get(request.job_id)
+            result = await self._manager.result(request.job_id) if request.include_result else b""
+        except JobError as e:
+            raise wire.connect_error(e) from None
+        return wire.job_status(record, self._address(), result)
 
     def ListJobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=self._manager.list_statuses())
+        return wire.job_statuses(self._manager.records(), self._address())
 
     async def FetchLogs(self, request: pb.FetchLogsRequest) -> pb.FetchLogsResponse:
-        if not valid_job_id(request.job_id) or request.job_id not in self._manager.jobs:
+        if not valid_job_id(request.job_id) or self._manager.find(request.job_id) is None:
             return pb.FetchLogsResponse()  # the contract: an unknown job has no logs
-        f = request.filter
-        query = LogQuery(
-            regex=f.regex,
-            start_line=f.start_line,
-            start_ms=f.start_ms,
-            end_ms=f.end_ms,
-            max_lines=f.max_lines,
-            after_seq=f.after_seq if f.HasField("after_seq") else None,
-        )
         try:
-            lines = await self._logs.query(request.job_id, query)
+            lines = await self._logs.query(request.job_id, wire.log_query(request.filter))
         except LogQueryTimeout as e:
             raise ConnectError(Code.DEADLINE_EXCEEDED, str(e)) from None
         except InvalidLogQuery as e:
             raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
-        return pb.FetchLogsResponse(
-            logs=[
-                pb.LogEntry(timestamp_ms=line.timestamp_ms, source=line.source, data=line.data, seq=line.seq)
-                for line in lines
-            ]
-        )
+        return wire.log_entries(lines)
 
     async def KillJob(self, request: pb.KillJobRequest) -> pb.Empty:
-        await self._manager.kill(request.job_id, request.term_timeout_ms)
+        try:
+            await self._manager.kill(request.job_id, request.term_timeout_ms)
+        except JobError as e:
+            raise wire.connect_error(e) from None
         return pb.Empty()
 
     def HealthCheck(self, request: pb.Empty) -> pb.HealthResponse:
