@@ -15,10 +15,7 @@ from typing import Any
 import treq
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from fluster_worker.bundles.cache import BundleCache
@@ -42,6 +39,7 @@ from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import LogFollower, LogStore
+from fluster_worker.web.listener import WebService
 
 DockerClientFactory = Callable[[], Any]
 
@@ -50,70 +48,6 @@ def default_docker_client() -> Any:
     import docker
 
     return docker.from_env(timeout=300)
-
-
-class WebService(Service):
-    """Listens on a Twisted endpoint string; knows the real port afterwards."""
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, description: str, site: Site) -> None:
-        self._reactor = reactor
-        self._description = description
-        self._site = site
-        self.port: IListeningPort | None = None
-        self._waiters: list[Deferred[int]] = []
-
-    def when_listening(self) -> Deferred[int]:
-        """A new Deferred that fires with the real port once listening."""
-        d: Deferred[int] = Deferred()
-        if self.port is not None:
-            d.callback(self.listening_port)
-        else:
-            self._waiters.append(d)
-        return d
-
-    def startService(self) -> Deferred[IListeningPort]:  # type: ignore[override]
-        super().startService()
-        d: Deferred[IListeningPort] = serverFromString(self._reactor, self._description).listen(self._site)
-
-        def listening(port: IListeningPort) -> IListeningPort:
-            self.port = port
-            host = port.getHost()
-            self.log.info("listening on {host}:{port}", host=host.host, port=host.port)  # type: ignore[attr-defined]
-            waiters, self._waiters = self._waiters, []
-            for w in waiters:
-                w.callback(self.listening_port)
-            return port
-
-        def failed(failure: Failure) -> Failure:
-            self.log.failure("cannot listen on {description}", failure, description=self._description)
-            waiters, self._waiters = self._waiters, []
-            for w in waiters:
-                w.errback(failure)
-            # A worker nobody can reach is worse than one that is visibly down.
-            self._reactor.stop()
-            return failure
-
-        return d.addCallbacks(listening, failed)
-
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
-        super().stopService()
-        if self.port is None:
-            return Deferred.fromCoroutine(_noop())
-        return Deferred.fromCoroutine(_stop_listening(self.port))
-
-    @property
-    def listening_port(self) -> int:
-        return self.port.getHost().port if self.port is not None else 0  # type: ignore[attr-defined]
-
-
-async def _noop() -> None:
-    return None
-
-
-async def _stop_listening(port: IListeningPort) -> None:
-    await maybeDeferred(port.stopListening)  # type: ignore[call-overload]
 
 
 class Worker(MultiService):
@@ -135,8 +69,10 @@ class Worker(MultiService):
         jobs = config.max_concurrent_jobs
         self.docker_pool = BlockingPool(reactor, "fluster-docker", max_threads=2 * jobs + 8)
         self.file_pool = BlockingPool(reactor, "fluster-files", max_threads=8)
-        self.docker_pool.setServiceParent(self)
-        self.file_pool.setServiceParent(self)
+        # Parsing large request bodies and encoding large answers: off the reactor.
+        self.cpu_pool = BlockingPool(reactor, "fluster-cpu", max_threads=2)
+        for pool in (self.docker_pool, self.file_pool, self.cpu_pool):
+            pool.setServiceParent(self)
         client = _shared(docker_client)
         self.runtime = ContainerRuntime(reactor, self.docker_pool, client, worker_id)
         self.runtime.setServiceParent(self)
@@ -231,8 +167,12 @@ class Worker(MultiService):
                 service.startService()
         if self.web is not None:
             web = self.web
-            web.when_listening().addCallback(self._listening)
-            self.manager.ready().addCallback(lambda _: web.startService() if self.running else None)
+            web.when_listening().addCallback(self._listening).addErrback(
+                lambda f: self.log.failure("finding the address to advertise failed", f)
+            )
+            self.manager.ready().addCallback(lambda _: web.startService() if self.running else None).addErrback(
+                lambda f: self.log.failure("starting the web site failed", f)
+            )
 
     def _listening(self, port: int) -> Deferred[None]:
         from fluster_worker.host import advertise_address, advertise_host
@@ -266,7 +206,7 @@ class Worker(MultiService):
     async def _stop_in_order(self) -> None:
         if self.registration is not None and self.registration.running:
             await maybeDeferred(self.registration.stopService)
-        pools = [self.file_pool, self.docker_pool]
+        pools = [self.file_pool, self.docker_pool, self.cpu_pool]
         for service in [s for s in reversed(list(self)) if s not in pools]:
             await self._stop_one(service)
         # After the manager: its jobs end WORKER_FAILED ("worker shut down"), not

@@ -3,10 +3,12 @@ base image is missing: `make test` provides both (scripts/ensure-*.sh)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -14,10 +16,38 @@ sys.path.insert(0, str(Path(__file__).parent / "stubs"))
 
 BASE_IMAGE = os.environ.get("FLUSTER_WORKER_BASE_IMAGE", "fluster-base:bookworm")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Several test sessions may share one engine (developers' checkouts side by side):
+# each holds this lock shared; a test that stops the engine takes it exclusively.
+ENGINE_LOCK = os.environ.get("FLUSTER_TEST_ENGINE_LOCK", "/tmp/fluster-test-engine.lock")
 
 
 @pytest.fixture(scope="session")
-def docker_client() -> Iterator[object]:
+def _engine_lock() -> Iterator[IO[bytes]]:
+    with open(ENGINE_LOCK, "ab") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        yield handle
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _engine_shared_for_docker_tests(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("docker") is not None:
+        request.getfixturevalue("_engine_lock")
+
+
+@pytest.fixture
+def engine_exclusive(_engine_lock: IO[bytes]) -> Iterator[None]:
+    """The engine to this test alone (it stops or restarts dockerd): waits until no
+    other session uses the engine. The test must leave the engine running."""
+    fcntl.flock(_engine_lock, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(_engine_lock, fcntl.LOCK_SH)
+
+
+@pytest.fixture(scope="session")
+def docker_client(_engine_lock: IO[bytes]) -> Iterator[object]:
     import docker
 
     client = docker.from_env()

@@ -13,6 +13,7 @@ from klein import Klein
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.connect import ConnectRouter, mount_unknown_services
 from fluster_worker.web.rpc.errors import Code, ConnectError
@@ -53,11 +54,11 @@ class FakeService:
 
 
 @pytest_twisted.async_yield_fixture
-async def server() -> AsyncIterator[tuple[str, FakeService]]:
+async def server(blocking_pool: BlockingPool) -> AsyncIterator[tuple[str, FakeService]]:
     service = FakeService()
     app = Klein()
     ConnectRouter(
-        pb.DESCRIPTOR.services_by_name["WorkerService"], service, reactor, max_body_bytes=LIMIT
+        pb.DESCRIPTOR.services_by_name["WorkerService"], service, reactor, pool=blocking_pool, max_body_bytes=LIMIT
     ).mount(app)
     mount_unknown_services(app)
     port = reactor.listenTCP(0, bounded_site(app.resource(), LIMIT), interface="127.0.0.1")

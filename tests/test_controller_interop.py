@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThread
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
 
-from fluster_worker.controller.backoff import Backoff
+from fluster_worker.common.backoff import Backoff
 from fluster_worker.controller.client import ControllerClient, ControllerError
 from fluster_worker.controller.reports import ReportQueue
 from fluster_worker.testing.controller import FakeController, poll_until

@@ -13,7 +13,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, capturedLogs
 
-from fluster_worker.controller.backoff import Backoff
+from fluster_worker.common.backoff import Backoff
 from fluster_worker.controller.client import ControllerClient, ControllerUnavailable
 from fluster_worker.controller.registration import Registration, RegistrationAdvert
 from fluster_worker.controller.reports import ReportQueue

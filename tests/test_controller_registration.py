@@ -10,7 +10,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, LogLevel, capturedLogs
 
-from fluster_worker.controller.backoff import Backoff
+from fluster_worker.common.backoff import Backoff
 from fluster_worker.controller.client import ControllerError, ControllerUnavailable
 from fluster_worker.controller.registration import Registration, RegistrationAdvert
 from fluster_worker.host import MachineFacts

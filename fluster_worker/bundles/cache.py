@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -50,6 +50,7 @@ from fluster_worker.bundles.fetch import (
     shown,
 )
 from fluster_worker.common.threads import BlockingPool
+from fluster_worker.common.waiters import Waiters
 
 __all__ = ["Bundle", "BundleCache", "BundleError", "BundleLease"]
 
@@ -151,7 +152,7 @@ class BundleCache:
         self._recovery = DeferredLock()
         self._recovered = False
         self._busy: set[Deferred[None]] = set()
-        self._idle_waiters: list[Deferred[None]] = []
+        self._idle: Waiters[None] = Waiters()
 
     def acquire(self, url: str, log: LogFn | None = None) -> Deferred[BundleLease]:
         """Fetch and unpack the bundle at ``url`` (or reuse it) and lease it."""
@@ -170,12 +171,7 @@ class BundleCache:
 
     def idle(self) -> Deferred[None]:
         """Fires once no fetch, unpack or deletion is running (shutdown, tests)."""
-        waiter: Deferred[None] = Deferred()
-        if self._busy:
-            self._idle_waiters.append(waiter)
-        else:
-            waiter.callback(None)
-        return waiter
+        return self._idle.wait() if self._busy else succeed(None)
 
     # Flights and leases: all on the reactor thread, so no step below can interleave
     # with another except at an ``await``.
@@ -323,10 +319,7 @@ class BundleCache:
     def _task_done(self, _: object, task: Deferred[None]) -> None:
         self._busy.discard(task)
         if not self._busy:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for waiter in waiters:
-                if not waiter.called:
-                    waiter.callback(None)
+            self._idle.fire(None)
 
 
 def _say(log: LogFn | None, line: str) -> None:

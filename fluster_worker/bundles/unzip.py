@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fluster_worker.common.text import one_line
+
 CHUNK = 1024 * 1024
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
@@ -52,8 +54,7 @@ class Limits:
 
 def oneline(text: str, limit: int = 200) -> str:
     """Untrusted text squeezed into one short line."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(text, limit)
 
 
 def stat_key(path: str) -> FileKey:

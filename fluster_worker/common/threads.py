@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
@@ -31,5 +32,13 @@ class BlockingPool(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        # ThreadPool.stop() joins its workers: never on the reactor thread.
-        return deferToThread(self.pool.stop)
+        # ThreadPool.stop() joins its workers: never on the reactor thread, and not
+        # on the reactor's own pool either (it serves DNS): a thread of its own.
+        stopped: Deferred[None] = Deferred()
+
+        def stop() -> None:
+            self.pool.stop()
+            self._reactor.callFromThread(stopped.callback, None)
+
+        threading.Thread(target=stop, name=f"stop-{self.pool.name}", daemon=True).start()
+        return stopped

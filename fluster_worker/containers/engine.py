@@ -16,6 +16,7 @@ import docker.errors
 import requests
 from twisted.internet.defer import Deferred
 
+from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 
 __all__ = ["ContainerError", "Engine", "explain"]
@@ -27,18 +28,13 @@ class ContainerError(Exception):
     """A Docker operation failed; the message is one line naming the cause."""
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
 def explain(exc: BaseException) -> str:
     """The cause of a docker-py or transport error, on one line."""
     if isinstance(exc, docker.errors.APIError) and exc.explanation:
-        return _one_line(str(exc.explanation))
+        return one_line(str(exc.explanation))
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return "Docker engine unreachable: " + _one_line(str(exc), 200)
-    return _one_line(str(exc) or type(exc).__name__)
+        return "Docker engine unreachable: " + one_line(str(exc), 200)
+    return one_line(str(exc) or type(exc).__name__)
 
 
 class Engine:

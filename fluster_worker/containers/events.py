@@ -17,37 +17,26 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import docker.errors
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.backoff import Backoff
+from fluster_worker.common.waiters import Waiters
 from fluster_worker.containers.engine import ContainerError, Engine, explain
 from fluster_worker.containers.spec import WORKER_ID_LABEL
 from fluster_worker.containers.status import ExitStatus, exit_status
 
-__all__ = ["DelayedCall", "ExitWatcher", "Reactor"]
+__all__ = ["ExitWatcher"]
 
 log = Logger()
 
-_RECONNECT_MIN = 0.5
-_RECONNECT_MAX = 5.0
+_RECONNECT = Backoff(initial_s=0.5, max_s=5.0, factor=2.0, jitter=0.0)
 _RECHECK_DELAY = 1.0
-
-
-class DelayedCall(Protocol):
-    def active(self) -> bool: ...
-    def cancel(self) -> None: ...
-
-
-class Reactor(Protocol):
-    """What the runtime uses of the reactor (IReactorTime + IReactorFromThreads)."""
-
-    def seconds(self) -> float: ...
-    def callLater(self, delay: float, f: Callable[..., Any], /, *a: Any, **k: Any) -> Any: ...
-    def callFromThread(self, f: Callable[..., Any], /, *a: Any, **k: Any) -> None: ...
 
 
 class ExitWatcher:
@@ -57,12 +46,14 @@ class ExitWatcher:
 
     def __init__(
         self,
-        reactor: Reactor,
+        reactor: IReactorTime,
         engine: Engine,
         worker_id: str,
         on_release: Callable[[str], None],
     ) -> None:
         self._reactor = reactor
+        # The real reactor provides both; the events thread hands its news over.
+        self._from_threads = cast(IReactorFromThreads, reactor)
         self._engine = engine
         self.worker_id = worker_id
         self._on_release = on_release
@@ -74,8 +65,8 @@ class ExitWatcher:
         self._stream_lock = threading.Lock()
         self._stream: Any = None  # docker.types.CancellableStream while connected
         self.thread: threading.Thread | None = None
-        self._stopped_waiters: list[Deferred[None]] = []
-        self._rechecks: set[DelayedCall] = set()
+        self._stopped: Waiters[None] = Waiters()
+        self._rechecks: set[IDelayedCall] = set()
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
@@ -174,8 +165,7 @@ class ExitWatcher:
         """Close the events stream, fail pending waiters; fires once the thread ended."""
         if self.state == "stopped":
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._stopped_waiters.append(d)
+        d = self._stopped.wait()
         if self.state == "running":
             self.state = "stopping"
             self._stop_event.set()
@@ -197,9 +187,7 @@ class ExitWatcher:
     def _events_thread_ended(self) -> None:
         self.thread = None
         self.state = "stopped"
-        waiters, self._stopped_waiters = self._stopped_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._stopped.fire(None)
 
     def _subscribed(self) -> None:
         """The stream is (re)connected: exits missed while it was down show up in a
@@ -222,12 +210,12 @@ class ExitWatcher:
         self._check_exit(container_id, hint)
 
     def _log_from_thread(self, text: str, **fields: object) -> None:
-        self._reactor.callFromThread(lambda: log.warn(text, **fields))
+        self._from_threads.callFromThread(lambda: log.warn(text, **fields))
 
     def _events_loop(self) -> None:
         """The events thread: stream `die` events of our containers to the reactor,
         reconnecting with backoff until stop() sets the stop event."""
-        backoff = _RECONNECT_MIN
+        failures = 0
         filters = {
             "type": "container",
             "event": ["die"],
@@ -241,22 +229,22 @@ class ExitWatcher:
                     self._log_from_thread(
                         "docker events: connect failed ({error}); retrying in {delay}s",
                         error=explain(e),
-                        delay=backoff,
+                        delay=_RECONNECT.base(failures),
                     )
-                    self._stop_event.wait(backoff)
-                    backoff = min(backoff * 2, _RECONNECT_MAX)
+                    self._stop_event.wait(_RECONNECT.base(failures))
+                    failures += 1
                     continue
                 with self._stream_lock:
                     if self._stop_event.is_set():
                         _close_quietly(stream)
                         break
                     self._stream = stream
-                backoff = _RECONNECT_MIN
-                self._reactor.callFromThread(self._subscribed)
+                failures = 0
+                self._from_threads.callFromThread(self._subscribed)
                 try:
                     for event in stream:
                         if isinstance(event, dict):
-                            self._reactor.callFromThread(self._on_event, event)
+                            self._from_threads.callFromThread(self._on_event, event)
                 except Exception as e:
                     if not self._stop_event.is_set():
                         self._log_from_thread("docker events: stream failed: {error}", error=explain(e))
@@ -265,9 +253,9 @@ class ExitWatcher:
                 _close_quietly(stream)
                 if not self._stop_event.is_set():
                     self._log_from_thread("docker events: stream ended; reconnecting")
-                    self._stop_event.wait(backoff)
+                    self._stop_event.wait(_RECONNECT.base(failures))
         finally:
-            self._reactor.callFromThread(self._events_thread_ended)
+            self._from_threads.callFromThread(self._events_thread_ended)
 
 
 def _close_quietly(stream: Any) -> None:

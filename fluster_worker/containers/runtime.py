@@ -25,12 +25,13 @@ import docker.errors
 import docker.types
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.containers.engine import ContainerError, Engine
-from fluster_worker.containers.events import DelayedCall, ExitWatcher, Reactor
+from fluster_worker.containers.events import ExitWatcher
 from fluster_worker.containers.spec import (
     ATTEMPT_ID_LABEL,
     JOB_ID_LABEL,
@@ -71,7 +72,7 @@ class ContainerRuntime(Service):
 
     def __init__(
         self,
-        reactor: Reactor,
+        reactor: IReactorTime,
         pool: BlockingPool,
         client_factory: Callable[[], docker.DockerClient],
         worker_id: str,
@@ -308,7 +309,7 @@ class ContainerRuntime(Service):
 
         async def run() -> ExitStatus:
             exited = self.wait(container_id)  # registered before the signal: no race
-            timer: DelayedCall | None = None
+            timer: IDelayedCall | None = None
             try:
                 delivered = await self._call("container SIGTERM", _kill, container_id, "SIGTERM")
                 if not delivered and not exited.called:

@@ -6,12 +6,12 @@ Modules: `client` (Connect unary calls over treq), `registration`, `reports`,
 `address` (the controller option; the address job containers use), `backoff`.
 """
 
+from fluster_worker.common.backoff import Backoff
 from fluster_worker.controller.address import (
     container_controller_address,
     normalize_controller_url,
     parse_controller_address,
 )
-from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import (
     ControllerCaller,
     ControllerClient,

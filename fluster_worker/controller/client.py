@@ -17,11 +17,12 @@ from google.protobuf.message import DecodeError, Message
 from treq.client import HTTPClient
 from treq.content import collect
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgent, IResponse
 
-from fluster_worker.controller._types import Clock
+from fluster_worker.common.text import one_line
 from fluster_worker.controller.address import normalize_controller_url
 
 SERVICE = "fluster.cluster.ControllerService"
@@ -166,11 +167,6 @@ class _TooLarge(Exception):
     pass
 
 
-def _one_line(text: str, limit: int = MAX_ERROR_MESSAGE_CHARS) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def _cancelled(exc: BaseException) -> bool:
     """twisted.web reports a cancelled request as ResponseNeverReceived etc. wrapping
     a CancelledError: that is a cancellation (ours or a timeout), not an outage."""
@@ -185,9 +181,9 @@ def _describe(exc: BaseException) -> str:
     reasons = getattr(exc, "reasons", None)
     if isinstance(reasons, list) and reasons:
         inner = "; ".join(r.getErrorMessage() if isinstance(r, Failure) else str(r) for r in reasons)
-        return _one_line(f"{type(exc).__name__}: {inner}")
+        return one_line(f"{type(exc).__name__}: {inner}", MAX_ERROR_MESSAGE_CHARS)
     text = str(exc)
-    return _one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return one_line(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, MAX_ERROR_MESSAGE_CHARS)
 
 
 def parse_connect_error(status: int, body: bytes) -> ControllerError:
@@ -206,7 +202,7 @@ def parse_connect_error(status: int, body: bytes) -> ControllerError:
         raw_message = doc.get("message")
         if isinstance(raw_message, str) and raw_message.strip():
             message = raw_message
-    return ControllerError(code, _one_line(message), status)
+    return ControllerError(code, one_line(message, MAX_ERROR_MESSAGE_CHARS), status)
 
 
 class ControllerClient:
@@ -221,7 +217,7 @@ class ControllerClient:
         self,
         controller_address: str,
         http: HTTPPoster,
-        clock: Clock,
+        clock: IReactorTime,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_response_bytes: int = MAX_RESPONSE_BYTES,

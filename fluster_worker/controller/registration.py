@@ -21,13 +21,14 @@ from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.controller._types import BlockingRunner, Clock, Timer
+from fluster_worker.common.backoff import Backoff
+from fluster_worker.controller._types import BlockingRunner
 from fluster_worker.controller.address import parse_controller_address
 from fluster_worker.controller.advert import resource_spec, worker_metadata
-from fluster_worker.controller.backoff import Backoff
 from fluster_worker.controller.client import ControllerCaller
 from fluster_worker.host import (
     MachineFacts,
@@ -139,7 +140,7 @@ class Registration(Service):
     def __init__(
         self,
         client: ControllerCaller,
-        clock: Clock,
+        clock: IReactorTime,
         advert: RequestSource,
         *,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -156,7 +157,7 @@ class Registration(Service):
         self._backoff = backoff
         self._random = random
         self._generation = 0
-        self._timer: Timer | None = None
+        self._timer: IDelayedCall | None = None
         self._inflight: Deferred[pb.RegisterWorkerResponse] | None = None
         self._connected = False
         self._ever_connected = False

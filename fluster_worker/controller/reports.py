@@ -39,13 +39,15 @@ from typing import Any, cast
 
 from google.protobuf.message import DecodeError
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.files import write_atomically
-from fluster_worker.controller._types import BlockingRunner, Clock, Timer
-from fluster_worker.controller.backoff import Backoff
+from fluster_worker.common.waiters import Waiters
+from fluster_worker.controller._types import BlockingRunner
 from fluster_worker.controller.client import ControllerCaller, ControllerError
 from fluster_worker.web.rpc import cluster_pb2 as pb
 
@@ -101,7 +103,7 @@ class ReportQueue(Service):
     def __init__(
         self,
         client: ControllerCaller,
-        clock: Clock,
+        clock: IReactorTime,
         pool: BlockingRunner,
         state_dir: Path,
         worker_id: str,
@@ -127,14 +129,14 @@ class ReportQueue(Service):
         self._entries: deque[_Entry] = deque()  # written, deliverable, in order
         self._queued = 0  # accepted by report(), not yet written
         self._generation = 0
-        self._timer: Timer | None = None
+        self._timer: IDelayedCall | None = None
         self._inflight: Deferred[pb.ReportJobStateResponse] | None = None
         self._failures = 0
         self._kicking = False
         self._kick_again = False
         self._overflowing = False
         self._drop_logged: set[str] = set()
-        self._idle_waiters: list[Deferred[None]] = []
+        self._idle: Waiters[None] = Waiters()
         self.delivered = 0
         self.dropped = 0
 
@@ -177,12 +179,9 @@ class ReportQueue(Service):
 
     def wait_idle(self) -> Deferred[None]:
         """A new Deferred that fires once no report is pending (at once if none)."""
-        d: Deferred[None] = Deferred()
         if self.pending == 0 and self._loaded:
-            d.callback(None)
-        else:
-            self._idle_waiters.append(d)
-        return d
+            return succeed(None)
+        return self._idle.wait()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -396,9 +395,7 @@ class ReportQueue(Service):
         self._kick()
 
     def _notify_idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._idle.fire(None)
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         log.failure("unexpected error {what}", failure=failure, what=what)

@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import cast
 
 import docker
 import docker.errors
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
 from fluster_worker.common.threads import BlockingPool
@@ -79,12 +80,6 @@ __all__ = [
     "runner_version",
     "validate",
 ]
-
-
-class BuilderReactor(Protocol):
-    def seconds(self) -> float: ...
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -147,7 +142,7 @@ class ImageBuilder:
 
     def __init__(
         self,
-        reactor: BuilderReactor,
+        reactor: IReactorTime,
         pool: BlockingPool,
         docker_client_factory: Callable[[], docker.DockerClient],
         base_image: str,
@@ -346,7 +341,7 @@ class ImageBuilder:
 
         def emit(lines: list[str]) -> None:
             if lines:
-                self._reactor.callFromThread(build.emit, lines)
+                cast(IReactorFromThreads, self._reactor).callFromThread(build.emit, lines)
 
         try:
             stream = self._docker().api.build(

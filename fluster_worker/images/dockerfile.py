@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
+from fluster_worker.common.text import one_line
+
 # --- in-container layout (the JobManager mounts and runs against these) -------
 
 #: The job's unpacked bundle is mounted here; it is the working directory.
@@ -385,8 +387,7 @@ class BuildOutput:
         cause = _cause(list(self._step_output)) or engine_message.strip() or "unknown error"
         step = _step_name(self._step)
         message = f"image build failed: {step}: {cause}" if step else f"image build failed: {cause}"
-        message = " ".join(message.split())
-        return message if len(message) <= 500 else message[:497] + "..."
+        return one_line(message, 500)
 
 
 def _step_name(instruction: str) -> str:

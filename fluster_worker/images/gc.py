@@ -11,19 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import docker
 import docker.errors
 from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from fluster_worker.common.text import one_line as text_line
 from fluster_worker.common.threads import BlockingPool
+from fluster_worker.common.waiters import Waiters
 from fluster_worker.images.dockerfile import IMAGE_LABEL, LAYER_LABEL
-
-
-class _Clock(Protocol):
-    def seconds(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class ImageGC:
 
     def __init__(
         self,
-        clock: _Clock,
+        clock: IReactorTime,
         pool: BlockingPool,
         docker_client: Callable[[], docker.DockerClient],
         base_image: str,
@@ -61,7 +60,7 @@ class ImageGC:
         self._dangling_max_age = dangling_max_age
         self._leases: dict[str, int] = {}
         self._last_used: dict[str, float] = {}
-        self._removing: dict[str, list[Deferred[None]]] = {}
+        self._removing: dict[str, Waiters[None]] = {}
         self._lock = DeferredLock()
 
     # --- called by the builder and its users ----------------------------------
@@ -91,9 +90,7 @@ class ImageGC:
         waiters = self._removing.get(tag)
         if waiters is None:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        waiters.append(d)
-        return d
+        return waiters.wait()
 
     def gc(self) -> Deferred[list[str]]:
         """Remove job images of our repository, oldest-unused first, until at
@@ -152,7 +149,7 @@ class ImageGC:
 
     async def _remove(self, image: JobImage) -> bool:
         for tag in image.tags:
-            self._removing.setdefault(tag, [])
+            self._removing.setdefault(tag, Waiters())
         removed = False
         try:
             removed = await self._pool.run(self._remove_tags, image)
@@ -161,8 +158,7 @@ class ImageGC:
             for tag in image.tags:
                 if removed:
                     self._last_used.pop(tag, None)
-                for d in self._removing.pop(tag, []):
-                    d.callback(None)
+                self._removing.pop(tag, Waiters()).fire(None)
 
     # --- blocking (in the pool) -------------------------------------------------
 
@@ -220,5 +216,4 @@ def one_line(e: BaseException) -> str:
         text = str(e.explanation)
     else:
         text = str(e) or type(e).__name__
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text_line(text)

@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
+from fluster_worker.common.waiters import Once
 from fluster_worker.containers.runtime import ContainerError, ContainerRuntime, ContainerSpec, Mount, container_name
 from fluster_worker.images.builder import BuildError, ImageBuilder
 from fluster_worker.images.dockerfile import (
@@ -70,7 +71,7 @@ class JobExecution:
         self._kill_grace = kit.default_kill_grace
         # Cancellers of what the pipeline is waiting for (a slot, the bundle, the image).
         self._kill_hooks: list[Callable[[], None]] = []
-        self._done_waiters: list[Deferred[JobRecord]] = []
+        self._done: Once[JobRecord] = Once()
         self._timed_out = False
         self._container_id = ""
         self._outcome: tuple[JobState, str, int | None] | None = None
@@ -86,12 +87,7 @@ class JobExecution:
 
     def done(self) -> Deferred[JobRecord]:
         """A new Deferred that fires with the record once the job is terminal."""
-        d: Deferred[JobRecord] = Deferred()
-        if self.record.state.terminal:
-            d.callback(self.record)
-        else:
-            self._done_waiters.append(d)
-        return d
+        return self._done.wait()
 
     def kill(
         self,
@@ -184,9 +180,7 @@ class JobExecution:
                 slot.cancel()
             await self._close_log()
             self._publish()
-            waiters, self._done_waiters = self._done_waiters, []
-            for d in waiters:
-                d.callback(self.record)
+            self._done.fire(self.record)
 
     async def _supervise(self, follow_done: Deferred[None]) -> None:
         kit, rec = self._kit, self.record

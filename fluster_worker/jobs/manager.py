@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.waiters import Once
 from fluster_worker.containers.ports import PortAllocator, PortsExhausted
 from fluster_worker.jobs import validation
 from fluster_worker.jobs.execution import JobExecution, Toolkit
@@ -70,8 +71,7 @@ class JobManager(Service):
         self._listeners: list[StateListener] = []
         self._pruner = LoopingCall(self.prune)
         self._pruner.clock = reactor
-        self._recovered = False
-        self._ready_waiters: list[Deferred[None]] = []
+        self._recovered: Once[None] = Once()
 
     @property
     def slots(self) -> DeferredSemaphore:
@@ -91,12 +91,7 @@ class JobManager(Service):
     def ready(self) -> Deferred[None]:
         """A new Deferred that fires once the records of a previous run are loaded
         (the web site opens only then, so no call sees a half-loaded worker)."""
-        d: Deferred[None] = Deferred()
-        if self._recovered:
-            d.callback(None)
-        else:
-            self._ready_waiters.append(d)
-        return d
+        return self._recovered.wait()
 
     async def _recover(self) -> None:
         removed = await self._kit.runtime.remove_orphans()
@@ -111,10 +106,7 @@ class JobManager(Service):
                 record.error = f"worker restarted while the job was {record.state.name}"
                 record.move(JobState.WORKER_FAILED, self._now_ms(), "worker restarted")
                 self._changed(record)
-        self._recovered = True
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._recovered.fire(None)
         self._pruner.start(60, now=True)
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
@@ -131,7 +123,7 @@ class JobManager(Service):
 
     def submit(self, request: JobRequest) -> JobRecord:
         """Validate and accept a job (its record, PENDING); raises a JobError."""
-        if not self._recovered:
+        if not self._recovered.happened:
             raise WorkerUnavailable("the worker is starting; try again shortly")
         job_id = validation.job_id_of(request)
         attempt = request.attempt_id

@@ -51,13 +51,15 @@ import threading
 from array import array
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fluster_worker.common.threads import BlockingPool
+from fluster_worker.common.waiters import Once
 from fluster_worker.logs.disk import (
     LINE_OVERHEAD,
     JobFiles,
@@ -79,13 +81,6 @@ from fluster_worker.logs.query import ReadStats, compile_query, run_query
 T = TypeVar("T")
 
 
-class _DelayedCall(Protocol):
-    def active(self) -> bool: ...
-    def cancel(self) -> None: ...
-    def getTime(self) -> float: ...
-    def reset(self, seconds: float) -> None: ...
-
-
 DEFAULT_MAX_STREAM_BYTES = 100 * 2**20
 DEFAULT_QUERY_BUDGET_S = 5.0
 DEFAULT_BATCH_DELAY_S = 0.02
@@ -97,27 +92,6 @@ _OPEN, _CLOSING, _CLOSED, _DELETED = "open", "closing", "closed", "deleted"
 
 class LogWriteError(OSError):
     """Lines could not be written to disk."""
-
-
-class _Signal:
-    """A one-shot event; each waiter gets its own Deferred."""
-
-    def __init__(self) -> None:
-        self.fired = False
-        self._waiters: list[Deferred[None]] = []
-
-    def wait(self) -> Deferred[None]:
-        if self.fired:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
-        return d
-
-    def fire(self) -> None:
-        self.fired = True
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
 
 
 class _Waiter:
@@ -134,7 +108,7 @@ class JobLog:
 
     log = Logger()
 
-    def __init__(self, store: LogStore, job_id: str, files: JobFiles, gate: _Signal | None) -> None:
+    def __init__(self, store: LogStore, job_id: str, files: JobFiles, gate: Once[None] | None) -> None:
         self.job_id = job_id
         self._store = store
         self._reactor = store.reactor
@@ -144,7 +118,7 @@ class JobLog:
         self._state = _OPEN
         self._loaded = False
         self._busy = False
-        self._scheduled: _DelayedCall | None = None
+        self._scheduled: IDelayedCall | None = None
         # Appended lines not yet handed to the writer, per source:
         # (number of the first one in append order, timestamps, data).
         self._pending: dict[str, list[tuple[int, list[int], list[bytes]]]] = {s: [] for s in SOURCES}
@@ -156,8 +130,8 @@ class JobLog:
         self._synced = 0  # ... of which synced
         self._committed_lines = 0  # lines on disk, this run's and earlier ones
         self._waiters: list[_Waiter] = []
-        self._closed = _Signal()
-        self._ready = _Signal()
+        self._closed: Once[None] = Once()
+        self._ready: Once[None] = Once()
         self._idle: list[Deferred[None]] = []
         self._broken: LogWriteError | None = None
         self._gate_waiting = False
@@ -273,7 +247,7 @@ class JobLog:
             or self._waiters
             or not self._loaded
             or self._state != _OPEN
-            or (self._gate is not None and not self._gate.fired)
+            or (self._gate is not None and not self._gate.happened)
         )
 
     def _kick(self) -> None:
@@ -295,7 +269,7 @@ class JobLog:
         self._scheduled = None
         if self._busy or self._state in (_CLOSED, _DELETED):
             return
-        if self._gate is not None and not self._gate.fired:
+        if self._gate is not None and not self._gate.happened:
             if not self._gate_waiting:
                 self._gate_waiting = True
                 self._gate.wait().addCallback(lambda _: self._gate_opened())
@@ -345,12 +319,12 @@ class JobLog:
     def _after_load(self, _: None) -> None:
         self._loaded = True
         self._committed_lines = sum(s.entries for s in self._files.view().segments)
-        self._ready.fire()
+        self._ready.fire(None)
 
     def _load_failed(self, error: LogWriteError) -> None:
         self._loaded = True
         self._broken = error
-        self._ready.fire()
+        self._ready.fire(None)
 
     def _write_batch(self) -> None:
         pending = self._pending
@@ -435,7 +409,7 @@ class JobLog:
     def _after_close(self, _: None) -> None:
         self._state = _CLOSED
         self._store._closed(self.job_id, self)
-        self._closed.fire()
+        self._closed.fire(None)
 
     def _drop_pending(self, error: LogWriteError) -> None:
         self._written = self._synced = self._appended
@@ -467,7 +441,7 @@ class JobLog:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
-        self._ready.fire()
+        self._ready.fire(None)
 
         async def run() -> None:
             if self._busy:
@@ -475,7 +449,7 @@ class JobLog:
                 self._idle.append(idle)
                 await idle
             await self._pool.run(self._files.close)
-            self._closed.fire()
+            self._closed.fire(None)
 
         return Deferred.fromCoroutine(run())
 
@@ -507,7 +481,7 @@ class LogStore:
         self.batch_delay_s = batch_delay_s
         self.bytes_read = 0  # by queries, since start
         self._logs: dict[str, JobLog] = {}
-        self._gates: dict[str, _Signal] = {}
+        self._gates: dict[str, Once[None]] = {}
         self._counts: dict[str, int] = {}
 
     def open(self, job_id: str) -> JobLog:
@@ -576,7 +550,7 @@ class LogStore:
             directory = job_directory(self.root, job_id)
             while job_id in self._gates:
                 await self._gates[job_id].wait()
-            gate = _Signal()
+            gate: Once[None] = Once()
             self._gates[job_id] = gate
             try:
                 job_log = self._logs.pop(job_id, None)
@@ -586,7 +560,7 @@ class LogStore:
                 self._counts.pop(job_id, None)
             finally:
                 del self._gates[job_id]
-                gate.fire()
+                gate.fire(None)
 
         return Deferred.fromCoroutine(run())
 
@@ -635,7 +609,7 @@ class LogStore:
 
         return Deferred.fromCoroutine(run())
 
-    def _closing(self, job_id: str, job_log: JobLog, closed: _Signal) -> None:
+    def _closing(self, job_id: str, job_log: JobLog, closed: Once[None]) -> None:
         if self._logs.get(job_id) is job_log:
             del self._logs[job_id]
             self._gates[job_id] = closed

@@ -52,13 +52,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.backoff import Backoff
+from fluster_worker.common.waiters import Waiters
 from fluster_worker.logs.lines import StreamParser, format_since
 from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
-from fluster_worker.logs.store import JobLog, _DelayedCall
+from fluster_worker.logs.store import JobLog
 
 _ENV_KEYS = (
     "PATH",
@@ -74,6 +77,10 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FDS = {1: "stdout", 2: "stderr"}
 _FULL_READ = 8192  # what Twisted's process reader asks for at a time
 _CHECK_LINES = 16  # entries compared when the container has exited
+
+
+# Restarts of a dead `docker logs`: at once, then 0.1 s doubling up to 5 s.
+_RESTART = Backoff(initial_s=0.1, max_s=5.0, factor=2.0, jitter=0.0)
 
 
 class LogTailError(Exception):
@@ -207,14 +214,14 @@ class LogFollower:
         # IDLE -> STARTING -> TAILING <-> (CHECKING | WAITING) -> DONE
         self._state = "idle"
         self._protocol: _TailProtocol | None = None
-        self._timer: _DelayedCall | None = None
+        self._timer: IDelayedCall | None = None
         self._stopping = False
         self._failures = 0
         self._progress = False
         self._draining = False  # the container has exited: tails no longer --follow
         self._attempts = 0
         self._last_message = ""
-        self._waiters: list[Deferred[None]] = []
+        self._followers: Waiters[None] = Waiters()
         self._result: Failure | None = None
 
     # -- public ------------------------------------------------------------------------
@@ -236,8 +243,7 @@ class LogFollower:
         synced; fails with LogTailError or FollowStopped."""
         if self._state == "done":
             return succeed(None) if self._result is None else fail(self._result)
-        d: Deferred[None] = Deferred()
-        self._waiters.append(d)
+        d = self._followers.wait()
         if self._state == "idle":
             self._state = "starting"
             Deferred.fromCoroutine(self._start()).addErrback(self._crashed)
@@ -473,7 +479,7 @@ class LogFollower:
                 message += f": {self._last_message}"
             Deferred.fromCoroutine(self._finish(Failure(LogTailError(message)))).addErrback(self._crashed)
             return
-        delay = 0.0 if self._failures == 0 else min(0.1 * 2 ** (self._failures - 1), 5.0)
+        delay = 0.0 if self._failures == 0 else _RESTART.base(self._failures - 1)
         self._state = "waiting"
         self._timer = self._reactor.callLater(delay, self._restart)
 
@@ -500,18 +506,14 @@ class LogFollower:
             if result is None:
                 result = Failure()
         self._result = result
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if result is None:
-                d.callback(None)
-            else:
-                d.errback(result)
+        if result is None:
+            self._followers.fire(None)
+        else:
+            self._followers.fail(result)
 
     def _crashed(self, failure: Failure) -> None:
         self.log.failure("following {cid} crashed", failure, cid=self._container_id)
         if self._state != "done":
             self._state = "done"
             self._result = failure
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
-                d.errback(failure)
+            self._followers.fail(failure)

@@ -6,7 +6,7 @@
   127.0.0.1:<port>, stop (closing open connections) and listen again on the same
   port, for outage tests on the real reactor. In memory, use `stub_client`.
 - `ScriptedControllerClient`: a ControllerCaller whose calls stay pending until the
-  test answers them; with ``task.Clock`` this pins down retry timing exactly.
+  test answers them; with ``task.IReactorTime`` this pins down retry timing exactly.
 - `InlinePool`: a BlockingRunner that runs the function at once, on the caller's
   thread (unit tests only).
 - `poll_until`: wait for a condition with a deadline, on a clock.
@@ -29,12 +29,12 @@ from google.protobuf.message import DecodeError, Message
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from fluster_worker.controller._types import Clock
 from fluster_worker.controller.client import SERVICE, ControllerClient
 from fluster_worker.web.rpc import cluster_pb2 as pb
 
@@ -222,7 +222,7 @@ def _decode_body(request: Request) -> bytes:
 
 
 def stub_client(
-    fake: FakeController, clock: Clock, *, timeout_s: float = 10.0
+    fake: FakeController, clock: IReactorTime, *, timeout_s: float = 10.0
 ) -> tuple[ControllerClient, StubTreq]:
     """A real ControllerClient calling ``fake`` in memory (treq's StubTreq); time
     outs run on ``clock``. Call ``stub.flush()`` when a handler waits."""

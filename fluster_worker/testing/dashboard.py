@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
 from fluster_worker.jobs.model import (
     BuildInfo,
@@ -166,11 +167,14 @@ class FakeWorker:
     address: str = "10.1.2.3:8080"
     registration: Any = None
     manager: FakeManager = field(init=False)
+    #: Never started: the fake's requests are small enough to parse inline.
+    cpu_pool: BlockingPool = field(init=False)
 
     def __post_init__(self) -> None:
         if self.reactor.seconds() == 0:
             self.reactor.advance(T0_MS / 1000)
         self.manager = FakeManager(self.reactor)
+        self.cpu_pool = BlockingPool(self.reactor, "fake-cpu")  # type: ignore[arg-type]
 
     def advertised_address(self) -> str:
         return self.address

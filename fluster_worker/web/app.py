@@ -94,6 +94,7 @@ def build_app(
         descriptor,
         service,
         worker.reactor,
+        pool=worker.cpu_pool,
         max_body_bytes=worker.config.max_body_bytes,
         observe=_both(metrics.observe_rpc, observe),
     ).mount(app)

@@ -14,9 +14,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
 from fluster_worker import __version__
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
 from fluster_worker.jobs.model import JobRecord, JobState, valid_job_id
 from fluster_worker.logs.model import SOURCES, LogLine, LogQuery
@@ -67,11 +69,11 @@ class WorkerView(Protocol):
     @property
     def reactor(self) -> Any: ...
 
+    @property
+    def cpu_pool(self) -> BlockingPool:
+        """Where large bodies are parsed and large answers encoded."""
+
     def advertised_address(self) -> str: ...
-
-
-class Clock(Protocol):
-    def seconds(self) -> float: ...
 
 
 class BadRequest(ValueError):
@@ -89,7 +91,7 @@ class Facts:
 # -- JSON shapes --------------------------------------------------------------------
 
 
-def now_ms(clock: Clock) -> int:
+def now_ms(clock: IReactorTime) -> int:
     return int(clock.seconds() * 1000)
 
 

@@ -21,11 +21,11 @@ from google.protobuf.message_factory import GetMessageClass
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.web.rpc import codec
 from fluster_worker.web.rpc.errors import Code, ConnectError
 from fluster_worker.web.rpc.errors_pb2 import ErrorDetails
@@ -49,10 +49,12 @@ class ConnectRouter:
         impl: object,
         reactor: IReactorTime,
         *,
+        pool: BlockingPool,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         observe: CallObserver | None = None,
     ) -> None:
         self._reactor = reactor
+        self._pool = pool
         self._impl = impl
         self._max_body_bytes = max_body_bytes
         self._observe = observe
@@ -124,7 +126,7 @@ class ConnectRouter:
             return codec.decode(body, content_type, request_type)
 
         small = isinstance(content, io.BytesIO) and len(content.getbuffer()) <= _INLINE_BODY_BYTES
-        parsed: Deferred[Message] = maybeDeferred(parse) if small else deferToThread(parse)
+        parsed: Deferred[Message] = maybeDeferred(parse) if small else self._pool.run(parse)
 
         def call(message: Message) -> Deferred[Message]:
             handler = getattr(self._impl, method, None)

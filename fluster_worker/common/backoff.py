@@ -1,4 +1,5 @@
-"""Exponential backoff with jitter, shared by registration and report delivery."""
+"""Exponential backoff with jitter: the one retry schedule of the worker (registration,
+report delivery, the docker events stream, the log tail)."""
 
 from __future__ import annotations
 
