@@ -262,3 +262,40 @@ async def test_get_is_not_an_rpc(server: tuple[str, FakeService]) -> None:
     response = await treq.get(url(base, "HealthCheck"))
     await response.content()
     assert response.code == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_refused_call_is_logged_once_with_method_code_and_reason(blocking_pool: BlockingPool) -> None:
+    from twisted.logger import Logger, formatEvent
+
+    from fluster_worker.web.refusals import RefusalLog
+
+    refusals = RefusalLog(reactor, burst=100)
+    events: list[dict[str, Any]] = []
+    refusals.log = Logger(namespace="test", observer=events.append)
+    app = Klein()
+    ConnectRouter(
+        pb.DESCRIPTOR.services_by_name["WorkerService"], FakeService(), reactor, pool=blocking_pool,
+        max_body_bytes=LIMIT, refusals=refusals,
+    ).mount(app)
+    mount_unknown_services(app, refusals)
+    port = reactor.listenTCP(0, bounded_site(app.resource(), LIMIT), interface="127.0.0.1")
+    base = f"http://127.0.0.1:{port.getHost().port}"
+    try:
+        ok = pb.GetJobStatusRequest(job_id="present").SerializeToString()
+        await expect_error(await post(url(base, "GetJobStatus"),
+                                      pb.GetJobStatusRequest(job_id="missing").SerializeToString()), 404, "not_found")
+        await post(url(base, "GetJobStatus"), ok)  # answered: not a refusal
+        await expect_error(await post(url(base, "RunJob"), b"\xff\xff"), 400, "invalid_argument")
+        await expect_error(await post(url(base, "Nope"), b""), 501, "unimplemented")
+        await expect_error(await post(f"{base}/other.Service/Call", b""), 501, "unimplemented")
+        await expect_error(await post(url(base, "ListJobs"), b""), 500, "internal")  # logged with its traceback
+    finally:
+        await port.stopListening()
+    lines = [formatEvent(e) for e in events]
+    assert len(lines) == 4, lines
+    assert lines[0].startswith("refused GetJobStatus from 127.0.0.1:")
+    assert "not_found: job missing not found" in lines[0]
+    assert "refused RunJob" in lines[1] and "invalid_argument" in lines[1]
+    assert "refused Nope" in lines[2] and "unimplemented" in lines[2]
+    assert "refused other.Service/Call" in lines[3]

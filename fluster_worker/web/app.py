@@ -26,6 +26,7 @@ from twisted.web.server import Request, Site
 from fluster_worker.web.api import JobsApi
 from fluster_worker.web.dashboard import Dashboard
 from fluster_worker.web.metrics import WorkerMetrics
+from fluster_worker.web.refusals import RefusalLog
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.connect import CallObserver, ConnectRouter, mount_unknown_services
 from fluster_worker.web.rpc.site import bounded_site
@@ -69,10 +70,14 @@ def build_app(
     metrics: WorkerMetrics | None = None,
     facts: Facts | None = None,
     service: Any = None,
+    refusals: RefusalLog | None = None,
 ) -> Klein:
     """The whole HTTP app. ``observe`` sees every RPC besides the metrics;
-    ``metrics``, ``facts`` and ``service`` are for tests (made here by default)."""
+    ``metrics``, ``facts``, ``service`` and ``refusals`` are for tests (made here
+    by default)."""
     app = Klein()
+    if refusals is None:
+        refusals = RefusalLog(worker.reactor)
     if facts is None:
         facts = Facts(started_s=worker.reactor.seconds(), memory_total_bytes=_memory_total_bytes())
     descriptor = pb.DESCRIPTOR.services_by_name["WorkerService"]
@@ -97,12 +102,13 @@ def build_app(
         pool=worker.cpu_pool,
         max_body_bytes=worker.config.max_body_bytes,
         observe=_both(metrics.observe_rpc, observe),
+        refusals=refusals,
     ).mount(app)
     dashboard = Dashboard(worker, facts)
     dashboard.mount(app)
     JobsApi(worker, facts).mount(app)
     _mount_metrics(app, metrics)
-    mount_unknown_services(app)
+    mount_unknown_services(app, refusals)
     dashboard.mount_errors(app)
     return app
 

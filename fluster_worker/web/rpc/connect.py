@@ -13,7 +13,7 @@ import inspect
 import io
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
@@ -30,6 +30,9 @@ from fluster_worker.web.rpc import codec
 from fluster_worker.web.rpc.errors import Code, ConnectError
 from fluster_worker.web.rpc.errors_pb2 import ErrorDetails
 from fluster_worker.web.rpc.site import DEFAULT_MAX_BODY_BYTES
+
+if TYPE_CHECKING:
+    from fluster_worker.web.refusals import RefusalLog
 
 # Bodies bigger than this are decompressed and parsed off the reactor thread.
 _INLINE_BODY_BYTES = 256 * 1024
@@ -52,8 +55,10 @@ class ConnectRouter:
         pool: BlockingPool,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         observe: CallObserver | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self._reactor = reactor
+        self._refusals = refusals
         self._pool = pool
         self._impl = impl
         self._max_body_bytes = max_body_bytes
@@ -95,6 +100,7 @@ class ConnectRouter:
                 code = Code.INVALID_ARGUMENT
             else:
                 request.setResponseCode(code.http_status)
+            self._refused(request, method, code, message)
             self._done(method, code.wire_name, started)
             return codec.error_body(code, message, _details(failure, message))
 
@@ -161,18 +167,27 @@ class ConnectRouter:
         self.log.failure("RPC {method} failed", failure, method=method)
         return Code.INTERNAL, f"internal error: {type(failure.value).__name__}"
 
+    def _refused(self, request: Request, method: str, code: Code, message: str) -> None:
+        # Internal errors are already logged with their traceback (``_classify``); a
+        # caller that went away was not refused.
+        if self._refusals is not None and code not in (Code.INTERNAL, Code.CANCELED):
+            self._refusals.refused(method, code.wire_name, message, peer_of(request))
+
     def _done(self, method: str, code: str, started: float) -> None:
         if self._observe is not None:
             self._observe(method, code, time.monotonic() - started)
 
 
-def mount_unknown_services(app: Klein) -> None:
+def mount_unknown_services(app: Klein, refusals: RefusalLog | None = None) -> None:
     """Answer POSTs to any other ``/<service>/<method>`` as Connect does: unimplemented."""
 
     def unknown(request: Request, service: str, method: str) -> bytes:
         request.setResponseCode(Code.UNIMPLEMENTED.http_status)
         request.setHeader(b"content-type", codec.JSON.encode())
-        return codec.error_body(Code.UNIMPLEMENTED, f"unknown service {service[:80]}")
+        message = f"unknown service {service[:80]}"
+        if refusals is not None:
+            refusals.refused(f"{service[:80]}/{method[:80]}", Code.UNIMPLEMENTED.wire_name, message, peer_of(request))
+        return codec.error_body(Code.UNIMPLEMENTED, message)
 
     app.route("/<string:service>/<string:method>", methods=["POST"])(unknown)
 
@@ -185,6 +200,19 @@ def _fail(code: Code | None, message: str) -> Deferred[Message]:
     d: Deferred[Message] = Deferred()
     d.errback(_UnsupportedMediaType(message) if code is None else ConnectError(code, message))
     return d
+
+
+def peer_of(request: Request) -> str:
+    """The caller's address as ``host:port`` ("" when unknown)."""
+    try:
+        address = request.getClientAddress()
+    except Exception:
+        return ""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None:
+        return ""
+    return f"{host}:{port}" if port is not None else str(host)
 
 
 def _header(request: Request, name: bytes) -> str | None:
