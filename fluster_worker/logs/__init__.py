@@ -1,11 +1,17 @@
 """Job logs: live tail of containers (``docker logs -f``), storage on disk with
 caps and an index, and FetchLogs queries.
 
-* ``LogStore`` / ``JobLog`` (store.py): append, flush, close, delete, query.
+* ``LogStore`` (store.py): opens each job's log, answers queries, deletes logs.
+* ``JobLog`` (joblog.py): one job's log, open for appending; the batching
+  writer (batch.py: pending lines and flush waiters); served.py: the served
+  mark that keeps late lines from landing behind a poller's cursor.
 * ``LogFollower`` (tail.py): a running container's output into its JobLog,
-  without gaps or duplicates across restarts of the tail.
-* disk.py: the on-disk format; query.py: FetchLogs semantics, regex handling;
-  lines.py: parsing ``docker logs --timestamps`` output.
+  without gaps or duplicates across restarts of the tail (resume.py: the
+  per-stream cursor; docker_cli.py: the ``docker logs`` processes).
+* layout.py: the on-disk format and reading it; disk.py: JobFiles, the files'
+  writer and the cap; query.py: FetchLogs semantics, regex handling; runs.py:
+  the segments as sorted runs; lines.py: parsing ``docker logs --timestamps``
+  output.
 """
 
 from fluster_worker.logs.lines import StreamParser, parse_timestamp

@@ -1,22 +1,6 @@
-"""The on-disk format of one job's log, and its writer. Everything here blocks:
-it runs in the BlockingPool, one writer operation at a time per job.
-
-Layout (``<root>/<job_id>/``), per source (stdout, stderr, build, error):
-
-* ``<source>.<n>.dat``: the lines' UTF-8 data, each followed by ``\\n`` (so
-  ``cat`` shows the log); nothing else.
-* ``<source>.<n>.idx``: one fixed-width entry per line, three little-endian
-  int64: ``timestamp_ns``, ``seq``, ``end`` (offset just past the line's
-  ``\\n`` in the .dat). The line is ``dat[previous end : end - 1]``.
-* ``<source>.drop``: JSON, present once the cap dropped lines:
-  ``{"lines", "bytes", "first_seq", "first_ts_ns", "last_seq", "through"}``.
-
-``seq`` numbers the lines of a job in arrival order across all sources. Within
-a source, entries are in seq order and timestamps never decrease (a timestamp
-smaller than its predecessor's, e.g. after a clock step, is stored as the
-predecessor's), so each segment is sorted by (timestamp, seq): a time window is a
-binary search, line N of a segment is entry N, and the job's order is a merge of
-the segments by (timestamp_ms, seq) (see query.py).
+"""JobFiles: one job's log files, open for appending (the format is in
+layout.py). Everything here blocks: it runs in the BlockingPool, one writer
+operation at a time per job.
 
 Segments and the cap: segment 0 is the head. Once a source's head reaches
 ``cap / 2`` bytes (data + newline + 24 bytes of index per line), its later lines
@@ -26,11 +10,11 @@ holds at most about ``cap`` bytes (the head, and between 3/8 and 1/2 of the cap
 of its newest lines), and reading shows head, a marker line, then the tail.
 
 Crash safety: a batch writes the .dat first, then the .idx. On open, each
-segment's index is cut to its last entry whose line lies entirely in the .dat
-(its end byte is a ``\\n``, ends and seqs increase), the .idx to whole entries and
-the .dat to that entry's end: a torn batch is dropped as a whole line at a time,
-never half a line. ``sync`` (fdatasync of the files written since the last sync,
-and of the directory after creating files) makes what was written durable.
+segment's index is cut to its last whole entry (layout.py), the .idx to whole
+entries and the .dat to that entry's end: a torn batch is dropped as a whole
+line at a time, never half a line. ``sync`` (fdatasync of the files written
+since the last sync, and of the directory after creating files) makes what was
+written durable.
 """
 
 from __future__ import annotations
@@ -38,9 +22,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import re
-import shutil
-import sys
 import threading
 from array import array
 from bisect import bisect_left
@@ -50,96 +31,23 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 
+from fluster_worker.logs.layout import (
+    ENTRY,
+    LINE_OVERHEAD,
+    SEGMENT_NAME,
+    TAIL_SEGMENTS,
+    Drop,
+    DropView,
+    JobView,
+    SegmentView,
+    list_segments,
+    read_drop,
+    read_entries,
+    segment_paths,
+    to_disk,
+    valid_entries,
+)
 from fluster_worker.logs.model import SOURCES
-
-ENTRY = 24  # bytes of one index entry
-LINE_OVERHEAD = 1 + ENTRY  # bytes a line costs beyond its data: newline + index entry
-TAIL_SEGMENTS = 4  # tail segments kept per source
-_NATIVE_LE = sys.byteorder == "little"
-_SEGMENT_NAME = re.compile(r"(stdout|stderr|build|error)\.(\d{1,9})\.(idx|dat)")
-_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
-
-
-def job_directory(root: Path, job_id: str) -> Path:
-    """``root/job_id``, refusing anything that is not a plain child name."""
-    if not isinstance(job_id, str) or _JOB_ID.fullmatch(job_id) is None:
-        raise ValueError(f"invalid job id {str(job_id)[:64]!r}")
-    path = root / job_id
-    if path.parent != root or path.name != job_id:
-        raise ValueError(f"invalid job id {job_id[:64]!r}")
-    return path
-
-
-def to_disk(values: array) -> bytes:  # type: ignore[type-arg]
-    if not _NATIVE_LE:
-        values = array(values.typecode, values)
-        values.byteswap()
-    return values.tobytes()
-
-
-def from_disk(raw: bytes) -> array:  # type: ignore[type-arg]
-    values = array("q")
-    values.frombytes(raw)
-    if not _NATIVE_LE:
-        values.byteswap()
-    return values
-
-
-def read_entries(fd: int, first: int, count: int) -> array:  # type: ignore[type-arg]
-    """Entries [first, first + count) of an index file, flattened (ts, seq, end, ...)."""
-    raw = os.pread(fd, count * ENTRY, first * ENTRY)
-    return from_disk(raw[: len(raw) - len(raw) % ENTRY])
-
-
-def valid_entries(idx_fd: int, dat_fd: int) -> tuple[int, int]:
-    """How many entries of a segment are whole (see the module doc), and the end
-    of the last one. Reads only the entries it drops, plus two."""
-    count = os.fstat(idx_fd).st_size // ENTRY
-    dat_size = os.fstat(dat_fd).st_size
-    while count > 0:
-        pair = read_entries(idx_fd, max(count - 2, 0), min(count, 2))
-        _, seq, end = pair[-3:]
-        prev_seq, prev_end = (pair[1], pair[2]) if count >= 2 else (-1, 0)
-        if prev_end < end <= dat_size and seq > prev_seq and os.pread(dat_fd, 1, end - 1) == b"\n":
-            return count, end
-        count -= 1
-    return 0, 0
-
-
-@dataclass(frozen=True)
-class SegmentView:
-    source: str
-    number: int  # 0 = head
-    entries: int
-    data_bytes: int
-
-
-@dataclass(frozen=True)
-class DropView:
-    source: str
-    lines: int
-    bytes: int
-    first_seq: int
-    first_ts_ns: int
-
-
-@dataclass(frozen=True)
-class JobView:
-    """What a reader may read: committed entries only."""
-
-    directory: Path
-    segments: tuple[SegmentView, ...]
-    drops: tuple[DropView, ...]
-
-
-@dataclass
-class _Drop:
-    lines: int = 0
-    bytes: int = 0
-    first_seq: int = -1
-    first_ts_ns: int = 0
-    last_seq: int = -1
-    through: int = 0  # highest tail segment number deleted
 
 
 @dataclass
@@ -158,37 +66,9 @@ class _Segment:
 class _Source:
     name: str
     segments: list[_Segment] = field(default_factory=list)
-    drop: _Drop = field(default_factory=_Drop)
+    drop: Drop = field(default_factory=Drop)
     last_ts: int = -(2**63)
     last_seq: int = -1
-
-
-def segment_paths(directory: Path, source: str, number: int) -> tuple[Path, Path]:
-    return directory / f"{source}.{number}.idx", directory / f"{source}.{number}.dat"
-
-
-def list_segments(directory: Path) -> dict[str, list[int]]:
-    """Segment numbers per source, by their index files."""
-    found: dict[str, list[int]] = {s: [] for s in SOURCES}
-    for name in os.listdir(directory):
-        m = _SEGMENT_NAME.fullmatch(name)
-        if m and m.group(3) == "idx":
-            found[m.group(1)].append(int(m.group(2)))
-    for numbers in found.values():
-        numbers.sort()
-    return found
-
-
-def read_drop(directory: Path, source: str) -> _Drop:
-    try:
-        raw = (directory / f"{source}.drop").read_text()
-    except FileNotFoundError:
-        return _Drop()
-    try:
-        values = json.loads(raw)
-        return _Drop(**{k: int(values[k]) for k in _Drop.__dataclass_fields__})
-    except (ValueError, KeyError, TypeError):
-        return _Drop()  # a torn meta file: the marker loses its numbers, nothing else
 
 
 class JobFiles:
@@ -230,7 +110,7 @@ class JobFiles:
 
     def _remove_orphans(self, found: dict[str, list[int]]) -> None:
         for name in os.listdir(self.directory):
-            m = _SEGMENT_NAME.fullmatch(name)
+            m = SEGMENT_NAME.fullmatch(name)
             if m and m.group(3) == "dat" and int(m.group(2)) not in found[m.group(1)]:
                 (self.directory / name).unlink(missing_ok=True)
             elif name.endswith(".tmp"):
@@ -381,7 +261,7 @@ class JobFiles:
             self._unlink(source.name, oldest.number)
             source.segments.remove(oldest)
 
-    def _write_drop(self, name: str, drop: _Drop) -> None:
+    def _write_drop(self, name: str, drop: Drop) -> None:
         path = self.directory / f"{name}.drop"
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(drop.__dict__))
@@ -482,47 +362,3 @@ def _write_all(fd: int, data: bytes | Iterable[bytes]) -> None:
     parts: Sequence[bytes] = list(data)
     for part in parts:
         _write_all(fd, part)
-
-
-def remove_job_directory(directory: Path) -> None:
-    """Delete a job's log directory (not following symlinks out of it)."""
-    if directory.is_symlink():
-        directory.unlink()
-    elif directory.exists():
-        shutil.rmtree(directory)
-
-
-def read_view(directory: Path) -> JobView | None:
-    """The committed lines of a job that no writer has open (None: no such job).
-    Torn tails (a crash mid-batch) are skipped, not repaired."""
-    try:
-        found = list_segments(directory)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    segments = []
-    drops = []
-    for name, numbers in found.items():
-        drop = read_drop(directory, name)
-        if drop.lines and drop.first_seq >= 0:
-            drops.append(DropView(name, drop.lines, drop.bytes, drop.first_seq, drop.first_ts_ns))
-        for number in numbers:
-            if number and number <= drop.through:
-                continue
-            idx_path, dat_path = segment_paths(directory, name, number)
-            try:
-                idx_fd = os.open(idx_path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                dat_fd = os.open(dat_path, os.O_RDONLY)
-            except FileNotFoundError:
-                os.close(idx_fd)
-                continue
-            try:
-                count, end = valid_entries(idx_fd, dat_fd)
-            finally:
-                os.close(idx_fd)
-                os.close(dat_fd)
-            if count:
-                segments.append(SegmentView(name, number, count, end))
-    return JobView(directory, tuple(segments), tuple(drops))

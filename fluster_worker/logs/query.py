@@ -1,8 +1,8 @@
-"""FetchLogs over the files of disk.py: validation, hostile regexes, and the
+"""FetchLogs over the files of layout.py: validation, hostile regexes, and the
 merge of a job's segments in (timestamp_ms, seq) order. Runs in the pool.
 
 The job's order is the merge of its segments (each sorted by (timestamp, seq),
-see disk.py) by (timestamp_ms, seq); a source whose cap dropped lines also holds
+see layout.py) by (timestamp_ms, seq); a source whose cap dropped lines also holds
 one virtual marker line, ``[fluster: N lines (M bytes) of stdout dropped]``,
 between its head and its tail, at the timestamp and seq of the first dropped
 line. Every filter of LogQuery is a cut of that order, found per segment by
@@ -42,17 +42,16 @@ LogQueryTimeout rather than answer a list that silently misses matches.
 from __future__ import annotations
 
 import heapq
-import os
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 import re2
 
-from fluster_worker.logs.disk import ENTRY, JobView, from_disk, segment_paths
+from fluster_worker.logs.layout import JobView
 from fluster_worker.logs.model import (
     MAX_REGEX_CHARS,
     SOURCES,
@@ -61,18 +60,13 @@ from fluster_worker.logs.model import (
     LogQuery,
     LogQueryTimeout,
 )
+from fluster_worker.logs.runs import ReadStats, Run, open_runs
 
 _BLOCK = 1024  # entries read at a time while scanning
 _SMALL_RANK = 4096  # ranks this close to either end are selected by reading keys
 _CHECK_EVERY = 256  # lines scanned between two looks at the clock
 _MS = 1_000_000
 _REGEX_MAX_MEM = 8 << 20
-
-
-@dataclass
-class ReadStats:
-    bytes: int = 0
-    reads: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,155 +114,22 @@ def compile_regex(pattern: str) -> Any:
     return compiled
 
 
-# -- the segments of a job as sorted runs ----------------------------------------------
-
-
-class _Run:
-    """A sorted run of lines: a segment's index and data, or one virtual line."""
-
-    source: str
-    length: int
-    stamps: Sequence[int]  # for bisect: timestamp_ns of each line
-    seqs: Sequence[int]
-
-    def read(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int], list[bytes]]:
-        raise NotImplementedError
-
-    def keys(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int]]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-
-class _Column(Sequence[int]):
-    """One field of a segment's index, read entry by entry (for bisect)."""
-
-    def __init__(self, run: _SegmentRun, field: int) -> None:
-        self._run = run
-        self._field = field
-
-    def __len__(self) -> int:
-        return self._run.length
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            raise TypeError("no slices")
-        if i < 0:
-            i += self._run.length
-        return self._run.entry(i)[self._field]
-
-
-class _SegmentRun(_Run):
-    def __init__(self, view: JobView, source: str, number: int, length: int, stats: ReadStats) -> None:
-        self.source = source
-        self.length = length
-        self._stats = stats
-        idx_path, dat_path = segment_paths(view.directory, source, number)
-        self._idx = os.open(idx_path, os.O_RDONLY)
-        try:
-            self._dat = os.open(dat_path, os.O_RDONLY)
-        except BaseException:
-            os.close(self._idx)
-            raise
-        self.stamps = _Column(self, 0)
-        self.seqs = _Column(self, 1)
-
-    def _pread(self, fd: int, size: int, offset: int) -> bytes:
-        raw = os.pread(fd, size, offset)
-        self._stats.bytes += len(raw)
-        self._stats.reads += 1
-        if len(raw) != size:
-            raise OSError(f"short read of a log segment of {self.source}")
-        return raw
-
-    def entry(self, i: int) -> tuple[int, int, int]:
-        e = from_disk(self._pread(self._idx, ENTRY, i * ENTRY))
-        return e[0], e[1], e[2]
-
-    def _entries(self, start: int, stop: int) -> Any:
-        first = max(start - 1, 0)  # the end of the line before ``start`` is its start
-        return first, from_disk(self._pread(self._idx, (stop - first) * ENTRY, first * ENTRY))
-
-    def keys(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int]]:
-        if start >= stop:
-            return [], []
-        entries = from_disk(self._pread(self._idx, (stop - start) * ENTRY, start * ENTRY))
-        return entries[0::3], entries[1::3]
-
-    def read(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int], list[bytes]]:
-        if start >= stop:
-            return [], [], []
-        first, entries = self._entries(start, stop)
-        ends = entries[2::3]
-        if first < start:
-            begin = ends[0]
-            ends = ends[1:]
-            entries = entries[3:]
-        else:
-            begin = 0
-        data = self._pread(self._dat, ends[-1] - begin, begin)
-        lines = []
-        position = 0
-        for end in ends:
-            end -= begin
-            lines.append(data[position : end - 1])
-            position = end
-        return entries[0::3], entries[1::3], lines
-
-    def close(self) -> None:
-        os.close(self._idx)
-        os.close(self._dat)
-
-
-class _MarkerRun(_Run):
-    def __init__(self, source: str, lines: int, size: int, seq: int, timestamp_ns: int) -> None:
-        self.source = source
-        self.length = 1
-        self.stamps = [timestamp_ns]
-        self.seqs = [seq]
-        text = f"[fluster: {lines} lines ({size} bytes) of {source} dropped]"
-        self._data = text.encode()
-
-    def keys(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int]]:
-        return self.stamps[start:stop], self.seqs[start:stop]
-
-    def read(self, start: int, stop: int) -> tuple[Sequence[int], Sequence[int], list[bytes]]:
-        return self.stamps[start:stop], self.seqs[start:stop], [self._data][start:stop]
-
-
-def open_runs(view: JobView, sources: Sequence[str], stats: ReadStats) -> list[_Run]:
-    runs: list[_Run] = []
-    try:
-        for segment in view.segments:
-            if segment.source in sources and segment.entries:
-                runs.append(_SegmentRun(view, segment.source, segment.number, segment.entries, stats))
-        for drop in view.drops:
-            if drop.source in sources and drop.first_seq >= 0:
-                runs.append(_MarkerRun(drop.source, drop.lines, drop.bytes, drop.first_seq, drop.first_ts_ns))
-    except BaseException:
-        for run in runs:
-            run.close()
-        raise
-    return runs
-
-
 # -- cuts ----------------------------------------------------------------------------
 
 
-def _count_le_ms(run: _Run, ms: int) -> int:
+def _count_le_ms(run: Run, ms: int) -> int:
     """Lines of ``run`` with timestamp_ms <= ms."""
     return bisect_left(run.stamps, (ms + 1) * _MS)
 
 
-def _count_lt_key(run: _Run, ms: int, seq: int) -> int:
+def _count_lt_key(run: Run, ms: int, seq: int) -> int:
     """Lines of ``run`` before the key (ms, seq)."""
     low = bisect_left(run.stamps, ms * _MS)
     high = bisect_left(run.stamps, (ms + 1) * _MS, low)
     return bisect_left(run.seqs, seq, low, high)
 
 
-def _select(runs: list[_Run], rank: int) -> list[int]:
+def _select(runs: list[Run], rank: int) -> list[int]:
     """Per run, how many of its lines are among the first ``rank`` of the merge."""
     total = sum(r.length for r in runs)
     if rank <= 0:
@@ -316,7 +177,7 @@ def _select(runs: list[_Run], rank: int) -> list[int]:
     return [_count_lt_key(r, low_ms, low_seq) for r in runs]
 
 
-def _after(runs: list[_Run], seq: int) -> list[int]:
+def _after(runs: list[Run], seq: int) -> list[int]:
     """Per run, how many of its lines come no later than the line ``seq``. If that
     line is gone (dropped by the cap), the latest line that arrived before it stands
     in for it."""
@@ -339,7 +200,7 @@ def _after(runs: list[_Run], seq: int) -> list[int]:
 _Row = tuple[int, int, int, bytes, str]  # timestamp_ms, seq, timestamp_ns, data, source
 
 
-def _lines(run: _Run, start: int, stop: int, first_block: int) -> Iterator[_Row]:
+def _lines(run: Run, start: int, stop: int, first_block: int) -> Iterator[_Row]:
     """The lines [start, stop) of ``run``, read in blocks that double from
     ``first_block`` up to _BLOCK (a short answer reads little more than itself)."""
     source = run.source

@@ -53,30 +53,19 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.waiters import Waiters
+from fluster_worker.logs.docker_cli import LastEntriesProtocol, TailProtocol, default_env
+from fluster_worker.logs.joblog import JobLog
 from fluster_worker.logs.lines import StreamParser, format_since
 from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
-from fluster_worker.logs.store import JobLog
+from fluster_worker.logs.resume import CHECK_LINES, StreamCursor
 
-_ENV_KEYS = (
-    "PATH",
-    "HOME",
-    "DOCKER_HOST",
-    "DOCKER_CONFIG",
-    "DOCKER_CONTEXT",
-    "DOCKER_CERT_PATH",
-    "DOCKER_TLS_VERIFY",
-    "XDG_RUNTIME_DIR",
-)
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _FDS = {1: "stdout", 2: "stderr"}
 _FULL_READ = 8192  # what Twisted's process reader asks for at a time
-_CHECK_LINES = 16  # entries compared when the container has exited
 
 
 # Restarts of a dead `docker logs`: at once, then 0.1 s doubling up to 5 s.
@@ -89,80 +78,6 @@ class LogTailError(Exception):
 
 class FollowStopped(Exception):
     """``stop()`` was called before the container's output ended."""
-
-
-def default_env() -> dict[str, str]:
-    """The environment for the docker CLI: what it needs from ours, nothing else."""
-    env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
-    env.setdefault("PATH", _DEFAULT_PATH)
-    return env
-
-
-class _Stream:
-    __slots__ = ("source", "parser", "last_ts", "count", "skip_ts", "skip_left", "recent")
-
-    def __init__(self, source: str, max_line_bytes: int) -> None:
-        self.source = source
-        self.parser = StreamParser(max_line_bytes)
-        self.last_ts: int | None = None  # timestamp of the last stored line
-        self.count = 0  # stored lines of this stream with that timestamp
-        self.skip_ts: int | None = None  # after a restart: skip up to (skip_ts, skip_left)
-        self.skip_left = 0
-        self.recent: list[tuple[int, bytes]] = []  # the newest stored lines
-
-
-class _TailProtocol(ProcessProtocol):
-    def __init__(self, follower: LogFollower) -> None:
-        self.follower = follower
-        self.pauses: set[str] = set()  # why the pipes are not being read
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.follower._received(self, childFD, data)
-
-    def processEnded(self, reason: Failure) -> None:
-        self.follower._ended(self, reason)
-
-    def pause(self, reason: str) -> None:
-        if not self.pauses:
-            transport: Any = self.transport
-            transport.pauseProducing()
-        self.pauses.add(reason)
-
-    def unpause(self, reason: str) -> None:
-        if reason in self.pauses:
-            self.pauses.discard(reason)
-            if not self.pauses and self.transport is not None:
-                transport: Any = self.transport
-                transport.resumeProducing()
-
-
-class _LastEntriesProtocol(ProcessProtocol):
-    """Collects the output of ``docker logs --tail N`` (at most 4 MiB a stream)."""
-
-    limit = 4 << 20
-
-    def __init__(self) -> None:
-        self.output: dict[int, bytes] = {1: b"", 2: b""}
-        self.overflow = False
-        self.done: Deferred[bool] = Deferred()
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD in self.output:
-            if len(self.output[childFD]) + len(data) > self.limit:
-                self.overflow = True
-            else:
-                self.output[childFD] += data
-
-    def processEnded(self, reason: Failure) -> None:
-        self.done.callback(reason.check(ProcessDone) is not None and not self.overflow)
 
 
 class LogFollower:
@@ -210,10 +125,10 @@ class LogFollower:
         self._max_pending = max_pending_bytes
         self._read_delay = read_delay_s
         self._last_entries = last_entries
-        self._streams = {fd: _Stream(source, max_line_bytes) for fd, source in _FDS.items()}
+        self._streams = {fd: StreamCursor(source, max_line_bytes) for fd, source in _FDS.items()}
         # IDLE -> STARTING -> TAILING <-> (CHECKING | WAITING) -> DONE
         self._state = "idle"
-        self._protocol: _TailProtocol | None = None
+        self._protocol: TailProtocol | None = None
         self._timer: IDelayedCall | None = None
         self._stopping = False
         self._failures = 0
@@ -296,11 +211,9 @@ class LogFollower:
             since = max(min(known) - self._margin_ns, 0)
             args += ["--since", format_since(since)]
         for stream in self._streams.values():
-            stream.parser = StreamParser(self._max_line_bytes)
-            stream.skip_ts = stream.last_ts
-            stream.skip_left = stream.count
+            stream.restart(self._max_line_bytes)
         args += ["--", self._container_id]
-        self._protocol = _TailProtocol(self)
+        self._protocol = TailProtocol(self._received, self._ended)
         self._progress = False
         self._attempts += 1
         self._state = "tailing"
@@ -313,7 +226,7 @@ class LogFollower:
             self.log.failure("spawning docker logs for {cid} failed", cid=self._container_id)
             self._after_attempt(clean=False)
 
-    def _received(self, protocol: _TailProtocol, fd: int, data: bytes) -> None:
+    def _received(self, protocol: TailProtocol, fd: int, data: bytes) -> None:
         stream = self._streams.get(fd)
         if protocol is not self._protocol or stream is None:
             return
@@ -332,47 +245,19 @@ class LogFollower:
             protocol.pause("batch")
             self._reactor.callLater(self._read_delay, protocol.unpause, "batch")
 
-    def _store(self, stream: _Stream, stamps: list[int], lines: list[bytes]) -> None:
-        if not lines:
-            return
-        if stream.skip_ts is not None:
-            # After a restart: drop what this stream already stored (see the module doc).
-            i, n = 0, len(stamps)
-            while i < n:
-                ts = stamps[i]
-                if ts < stream.skip_ts:
-                    i += 1
-                elif ts == stream.skip_ts and stream.skip_left > 0:
-                    stream.skip_left -= 1
-                    i += 1
-                else:
-                    stream.skip_ts = None  # the first line not stored before
-                    break
-            if i:
-                stamps, lines = stamps[i:], lines[i:]
-            if not lines:
-                return
-        last = stamps[-1]
-        same = 1
-        while same < len(stamps) and stamps[-1 - same] == last:
-            same += 1
-        if same == len(stamps) and last == stream.last_ts:
-            stream.count += same
-        else:
-            stream.count = same
-        stream.last_ts = last
-        stream.recent = (stream.recent + list(zip(stamps[-_CHECK_LINES:], lines[-_CHECK_LINES:], strict=True)))[
-            -_CHECK_LINES:
-        ]
-        self._progress = True
-        self._job_log.append_batch(stream.source, stamps, lines)
+    def _store(self, stream: StreamCursor, stamps: list[int], lines: list[bytes]) -> None:
+        # After a restart, what this stream already stored is dropped (resume.py).
+        stamps, lines = stream.accept(stamps, lines)
+        if lines:
+            self._progress = True
+            self._job_log.append_batch(stream.source, stamps, lines)
 
-    def _diagnostics(self, stream: _Stream) -> None:
+    def _diagnostics(self, stream: StreamCursor) -> None:
         for message in stream.parser.take_diagnostics():
             self._last_message = message
             self.log.warn("docker logs {cid}: {message}", cid=self._container_id, message=message)
 
-    def _ended(self, protocol: _TailProtocol, reason: Failure) -> None:
+    def _ended(self, protocol: TailProtocol, reason: Failure) -> None:
         if protocol is not self._protocol:
             return
         self._protocol = None
@@ -429,7 +314,7 @@ class LogFollower:
     async def _complete(self) -> bool:
         """Whether the container's last log entries are stored. Docker sends
         entries in file order, so if the last one is stored, all are. The last
-        ``_CHECK_LINES`` entries (``docker logs --tail``) must end each stream the
+        ``CHECK_LINES`` entries (``docker logs --tail``) must end each stream the
         way the stored lines do (same timestamps and data, and no more lines with
         the last timestamp than stored). Anything unclear answers False: one more
         tail then reads the rest."""
@@ -444,25 +329,20 @@ class LogFollower:
             if not window:
                 continue
             stream = self._streams.get(fd)
-            if stream is None:
+            if stream is None or not stream.ends_like(window):
                 return False
-            k = min(len(window), len(stream.recent))
-            if k == 0 or window[-k:] != stream.recent[-k:]:
-                return False
-            if sum(1 for ts, _ in window if ts == stream.last_ts) > stream.count:
-                return False  # more lines with the last timestamp than stored
         return True
 
     async def _fetch_last_entries(self) -> dict[int, bytes] | None:
-        """The last ``_CHECK_LINES`` entries per stream, or None when unknown."""
+        """The last ``CHECK_LINES`` entries per stream, or None when unknown."""
         if self._last_entries is not None:
             try:
-                return await self._last_entries(_CHECK_LINES)
+                return await self._last_entries(CHECK_LINES)
             except Exception:
                 self.log.failure("reading the last log entries of {cid} failed", cid=self._container_id)
                 return None
-        check = _LastEntriesProtocol()
-        args = [self._docker, "logs", "--tail", str(_CHECK_LINES), "--timestamps", "--", self._container_id]
+        check = LastEntriesProtocol()
+        args = [self._docker, "logs", "--tail", str(CHECK_LINES), "--timestamps", "--", self._container_id]
         try:
             self._spawn(check, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
         except Exception:

@@ -1,0 +1,82 @@
+"""StreamCursor: where a LogFollower (tail.py) is in one stream of a container's
+output, so that a restarted ``docker logs`` neither loses nor repeats a line.
+
+The cursor remembers the timestamp of the last line stored and how many stored
+lines of the stream carry it. After a restart (``restart``), re-delivered lines
+older than that timestamp are skipped, then as many lines with exactly that
+timestamp as were stored; everything after is new (``accept``). It also keeps
+the newest stored lines, to tell whether Docker's last entries are stored
+(``ends_like``).
+"""
+
+from __future__ import annotations
+
+from fluster_worker.logs.lines import StreamParser
+
+CHECK_LINES = 16  # entries compared when the container has exited
+
+
+class StreamCursor:
+    """One stream (stdout or stderr) of a followed container."""
+
+    __slots__ = ("source", "parser", "last_ts", "count", "skip_ts", "skip_left", "recent")
+
+    def __init__(self, source: str, max_line_bytes: int) -> None:
+        self.source = source
+        self.parser = StreamParser(max_line_bytes)
+        self.last_ts: int | None = None  # timestamp of the last stored line
+        self.count = 0  # stored lines of this stream with that timestamp
+        self.skip_ts: int | None = None  # after a restart: skip up to (skip_ts, skip_left)
+        self.skip_left = 0
+        self.recent: list[tuple[int, bytes]] = []  # the newest stored lines
+
+    def restart(self, max_line_bytes: int) -> None:
+        """A new tail starts: parse afresh, and skip what is stored already."""
+        self.parser = StreamParser(max_line_bytes)
+        self.skip_ts = self.last_ts
+        self.skip_left = self.count
+
+    def accept(self, stamps: list[int], lines: list[bytes]) -> tuple[list[int], list[bytes]]:
+        """The lines of a parsed read that were not stored before; the cursor
+        moves past them (the caller stores them)."""
+        if not lines:
+            return stamps, lines
+        if self.skip_ts is not None:
+            i, n = 0, len(stamps)
+            while i < n:
+                ts = stamps[i]
+                if ts < self.skip_ts:
+                    i += 1
+                elif ts == self.skip_ts and self.skip_left > 0:
+                    self.skip_left -= 1
+                    i += 1
+                else:
+                    self.skip_ts = None  # the first line not stored before
+                    break
+            if i:
+                stamps, lines = stamps[i:], lines[i:]
+            if not lines:
+                return stamps, lines
+        last = stamps[-1]
+        same = 1
+        while same < len(stamps) and stamps[-1 - same] == last:
+            same += 1
+        if same == len(stamps) and last == self.last_ts:
+            self.count += same
+        else:
+            self.count = same
+        self.last_ts = last
+        self.recent = (self.recent + list(zip(stamps[-CHECK_LINES:], lines[-CHECK_LINES:], strict=True)))[-CHECK_LINES:]
+        return stamps, lines
+
+    def ends_like(self, window: list[tuple[int, bytes]]) -> bool:
+        """Whether Docker's last entries of this stream (``window``: timestamp,
+        data) end the way the stored lines do: the same timestamps and data, and
+        no more lines with the last timestamp than stored. An empty window is
+        fine (no output)."""
+        if not window:
+            return True
+        k = min(len(window), len(self.recent))
+        if k == 0 or window[-k:] != self.recent[-k:]:
+            return False
+        return sum(1 for ts, _ in window if ts == self.last_ts) <= self.count
