@@ -423,7 +423,7 @@ async def test_bundle_problems_fail_in_one_line(
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / "pyproject.toml").symlink_to("/etc/passwd")
-    with pytest.raises(BuildError, match="invalid bundle: cannot read pyproject.toml"):
+    with pytest.raises(BuildError, match="invalid bundle: pyproject.toml is a symbolic link, not a regular file"):
         await builder.build(linked, [], [], lambda line: None)
     with pytest.raises(InvalidBuildInput):
         await builder.build(linked, ["$(id)"], [], lambda line: None)

@@ -251,7 +251,8 @@ def symlink_zip() -> bytes:
     return zip_bytes({"ok.py": b"", "link": b"/etc/passwd"}, modes={"link": 0o120777})
 
 
-@pytest.mark.parametrize("content, words", [
+# (zip bytes, words of the error): also run in a loop by tests/test_fd_leaks.py.
+HOSTILE_MEMBERS = [
     (zip_bytes({"ok.py": b"", "../evil.py": b"x"}), ["escapes the bundle", "../evil.py"]),
     (zip_bytes({"a/../../evil.py": b"x"}), ["escapes the bundle"]),
     (zip_bytes({"/tmp/evil.py": b"x"}), ["absolute path"]),
@@ -261,7 +262,10 @@ def symlink_zip() -> bytes:
     (zip_bytes({"fifo": b""}, modes={"fifo": 0o010644}), ["not a regular file"]),
     (zip_bytes({"a.py": b"1", "b/": b"", "b": b"2"}), ["clashes"]),
     (zip_bytes({"a/" * 300 + "x.py": b""}), ["too long"]),
-])
+]
+
+
+@pytest.mark.parametrize("content, words", HOSTILE_MEMBERS)
 @pytest_twisted.ensureDeferred
 async def test_hostile_members_rejected(make_cache: Any, tmp_path: Path, content: bytes,
                                         words: list[str]) -> None:

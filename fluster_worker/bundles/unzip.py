@@ -78,10 +78,15 @@ def copy_file(path: str, dest: Path, max_bytes: int, abort: threading.Event) -> 
         raise UnzipError(f"bundle not found: {oneline(path)}") from None
     except (OSError, ValueError) as e:
         raise UnzipError(f"cannot read bundle {oneline(path)}: {_reason(e)}") from None
-    with os.fdopen(fd, "rb") as src:
+    try:
         before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
+        if not stat.S_ISREG(before.st_mode):  # checked before fdopen, which refuses directories
             raise UnzipError(f"bundle is not a regular file: {oneline(path)}")
+        src = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with src:
         digest = copy_stream(src, dest, max_bytes, abort)
         if _key(path, os.fstat(src.fileno())) != _key(path, before):
             dest.unlink(missing_ok=True)
@@ -191,7 +196,12 @@ def _extract_member(
             return written
         target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        out = os.fdopen(os.open(target, flags, 0o600), "wb")
+        fd = os.open(target, flags, 0o600)
+        try:
+            out = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
     except FileExistsError:
         raise UnzipError(f"bundle member is duplicated or clashes: {name}") from None
     except OSError as e:

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import tomllib
 from collections import deque
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
+from fluster_worker.common.safe_files import FileTooLarge, UnsafeFile, read_regular
 from fluster_worker.common.text import one_line
 
 # --- in-container layout (the JobManager mounts and runs against these) -------
@@ -294,17 +294,13 @@ def read_project_file(path: Path, limit: int = MAX_PROJECT_FILE_BYTES) -> bytes 
     """A bundle's pyproject.toml or uv.lock: None when absent; a symlink, a
     non-regular file or an oversized file is refused (InvalidBundle)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
+        data = read_regular(path.parent, path.name, limit)
+    except UnsafeFile as e:
+        raise InvalidBundle(f"invalid bundle: {e}") from None
+    except FileTooLarge:
+        raise InvalidBundle(f"invalid bundle: {path.name} is larger than {limit} bytes") from None
     except OSError as e:
         raise InvalidBundle(f"invalid bundle: cannot read {path.name}: {e.strerror or e}") from e
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise InvalidBundle(f"invalid bundle: {path.name} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise InvalidBundle(f"invalid bundle: {path.name} is larger than {limit} bytes")
     return data
 
 

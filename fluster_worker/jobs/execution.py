@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
+from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.runtime import ContainerError, ContainerRuntime, ContainerSpec, Mount, container_name
 from fluster_worker.images.builder import BuildError, ImageBuilder
@@ -209,7 +210,7 @@ class JobExecution:
             self.log.failure("collecting the logs of {job_id} failed", job_id=rec.job_id)
             self._log("error", f"log collection failed: {type(e).__name__}: {e}")
         rec.exit_code = status.exit_code
-        rec.has_result = await kit.store.has_result(rec.job_id)
+        refused = await self._check_result()
         if self._kill_requested:
             self._finish(self._final_state, error=self._kill_error, exit_code=status.exit_code)
         elif self._timed_out:
@@ -223,8 +224,23 @@ class JobExecution:
             )
         elif status.exit_code != 0:
             self._fail(f"Exit code: {status.exit_code}", exit_code=status.exit_code)
+        elif refused:
+            self._fail(refused, exit_code=status.exit_code)
         else:
             self._finish(JobState.SUCCEEDED)
+        if refused and self._outcome is not None and self._outcome[1] != refused:
+            self._log("error", refused)  # it ended otherwise; still say what it left
+
+    async def _check_result(self) -> str:
+        """Note whether the job left a result; "" or why it was refused (the
+        job put something other than a regular file in its place)."""
+        rec = self.record
+        try:
+            rec.has_result = await self._kit.store.has_result(rec.job_id)
+        except UnsafeFile as e:
+            rec.has_result = False
+            return f"result refused: {e}"
+        return ""
 
     # -- helpers ---------------------------------------------------------------
 

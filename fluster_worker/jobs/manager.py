@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.ports import PortAllocator, PortsExhausted
 from fluster_worker.jobs import validation
@@ -197,6 +198,8 @@ class JobManager(Service):
             return await self._store.read_result(job_id, self._max_result_bytes)
         except ResultTooLarge as e:
             raise ResourcesExhausted(str(e)) from None
+        except UnsafeFile as e:
+            raise PreconditionFailed(f"result of {job_id} refused: {e}") from None
 
     async def kill(self, job_id: str, term_timeout_ms: int) -> None:
         record = self.get(job_id)

@@ -13,8 +13,8 @@ Layout, one directory per job::
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,8 +22,13 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from fluster_worker.common.files import write_atomically
+from fluster_worker.common.safe_files import FileTooLarge, UnsafeFile, probe_regular, read_regular
+from fluster_worker.common.safe_tree import remove_tree, tree_usage
 from fluster_worker.common.threads import BlockingPool
+from fluster_worker.images.dockerfile import CONTAINER_IO_DIR
 from fluster_worker.jobs.model import JobRecord
+
+_RESULT = ("out", "result.pkl")  # relative to the job's directory; /fluster/out/result.pkl for the job
 
 
 class ResultTooLarge(Exception):
@@ -98,7 +103,7 @@ class JobStore:
                 try:
                     records.append(JobRecord.from_json(json.loads(path.read_bytes())))
                 except FileNotFoundError:
-                    shutil.rmtree(entry, ignore_errors=True)  # never got a record: debris
+                    _remove(entry)  # never got a record: debris
                 except (ValueError, KeyError, TypeError) as e:
                     self.log.warn("unreadable job record {path}: {error}", path=str(path), error=str(e))
             return records
@@ -106,27 +111,38 @@ class JobStore:
         return self._pool.run(load)
 
     def read_result(self, job_id: str, limit: int) -> Deferred[bytes]:
+        """The result's bytes, b"" when there is none. The job wrote that file:
+        it is read without following links (UnsafeFile) and only up to
+        ``limit`` (ResultTooLarge)."""
+
         def read() -> bytes:
-            path = self.result_path(job_id)
             try:
-                with path.open("rb") as f:
-                    data = f.read(limit + 1)
-            except FileNotFoundError:
-                return b""
-            if len(data) > limit:
-                raise ResultTooLarge(f"result of {job_id} exceeds {limit} bytes")
-            return data
+                data = read_regular(self.job_dir(job_id), _RESULT, limit)
+            except FileTooLarge:
+                raise ResultTooLarge(f"result of {job_id} exceeds {limit} bytes") from None
+            except UnsafeFile as e:
+                raise _shown_in_container(e) from None
+            return data or b""
 
         return self._pool.run(read)
 
     def has_result(self, job_id: str) -> Deferred[bool]:
-        return self._pool.run(self.result_path(job_id).is_file)
+        """Whether the job left a result: a regular file. UnsafeFile (naming the
+        path as the job sees it) when something else is in its place."""
+
+        def probe() -> bool:
+            try:
+                return probe_regular(self.job_dir(job_id), _RESULT, sys.maxsize) is not None
+            except UnsafeFile as e:
+                raise _shown_in_container(e) from None
+
+        return self._pool.run(probe)
 
     def disk_bytes(self, job_id: str) -> Deferred[int]:
-        return self._pool.run(_tree_bytes, self.workdir(job_id))
+        return self._pool.run(lambda: tree_usage(self.workdir(job_id)).bytes)
 
     def delete(self, job_id: str) -> Deferred[None]:
-        return self._chain(job_id, lambda: shutil.rmtree(self.job_dir(job_id), ignore_errors=True))
+        return self._chain(job_id, lambda: _remove(self.job_dir(job_id)))
 
     def _chain(self, job_id: str, work: Callable[[], None]) -> Deferred[None]:
         lock = self._locks.get(job_id)
@@ -141,12 +157,13 @@ class JobStore:
             del self._locks[job_id]
 
 
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+def _remove(path: Path) -> None:
+    try:
+        remove_tree(path)
+    except OSError as e:
+        JobStore.log.warn("could not remove all of {path}: {error}", path=str(path), error=str(e))
+
+
+def _shown_in_container(error: UnsafeFile) -> UnsafeFile:
+    """The job's files under its directory are under CONTAINER_IO_DIR for the job."""
+    return UnsafeFile(f"{CONTAINER_IO_DIR}/{error}")
