@@ -33,6 +33,7 @@ class WorkerConfig:
     advertise_memory: str | None = None
     docker_path: str = "docker"
     extra_labels: dict[str, str] = field(default_factory=dict)
+    max_kill_grace: float = 300.0
 
     @property
     def cpu_count(self) -> int:

@@ -43,6 +43,7 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
     ("advertise-cpu", None, None, "Cores advertised to the controller (default: this machine's).", int),
     ("advertise-memory", None, None, 'Memory advertised, e.g. "23g" (default: this machine\'s).', str),
     ("docker", None, "docker", "The docker CLI (used for `docker logs -f`).", str),
+    ("max-kill-grace", None, str(int(_DEFAULTS.max_kill_grace)), "Longest SIGTERM grace of a kill, seconds.", float),
 ]
 
 
@@ -90,6 +91,8 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
     extra = values.pop("extra-index-url", "")
     if values.get("max-concurrent-jobs", 1) < 1:
         raise usage.UsageError("--max-concurrent-jobs must be at least 1")
+    if not values["max-kill-grace"] > 0:
+        raise usage.UsageError("--max-kill-grace must be positive")
     return WorkerConfig(
         listen=values["listen"],
         cache_dir=values["cache-dir"],
@@ -114,6 +117,7 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         advertise_cpu=values.get("advertise-cpu"),
         advertise_memory=values.get("advertise-memory"),
         docker_path=values["docker"],
+        max_kill_grace=values["max-kill-grace"],
     )
 
 

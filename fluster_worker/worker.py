@@ -127,6 +127,7 @@ class Worker(MultiService):
             cpu_count=config.cpu_count,
             retention_count=config.retention_count,
             retention_seconds=config.retention_seconds,
+            max_kill_grace_seconds=config.max_kill_grace,
         )
         self.registration: Registration | None = None
         self.reports: ReportQueue | None = None

@@ -84,6 +84,8 @@ class ContainerRuntime(Service):
         self.worker_id = worker_id
         self._engine = Engine(pool, client_factory)
         self._samples: dict[str, SampleState] = {}
+        # Terminations under way, by the id terminate() was given.
+        self._graces: dict[str, _Grace] = {}
         # Exit waiters and the events thread; its state is the service's:
         # "stopped" -> "running" -> "stopping" -> "stopped".
         self._exits = ExitWatcher(reactor, self._engine, worker_id, self._forget_sample)
@@ -300,16 +302,25 @@ class ContainerRuntime(Service):
         """SIGTERM, then SIGKILL if still alive after ``grace_seconds`` (a reactor
         timer, cancelled when the container exits first); fires with the ExitStatus once
         the container is dead, at once if it already was. A container that was created
-        but never started has no exit: ContainerError (remove it instead)."""
+        but never started has no exit: ContainerError (remove it instead).
+
+        While a termination is under way, another ``terminate`` sends no second
+        SIGTERM: it only brings the SIGKILL forward when its grace ends sooner (a
+        later kill with a shorter grace, or a worker stop, shortens the wait)."""
 
         if self._state != "running":
             return fail(
                 ContainerError("container terminate failed: the container runtime is not running")
             )
+        pending = self._graces.get(container_id)
+        if pending is not None:
+            pending.shorten(grace_seconds)
+            return self.wait(container_id)
+        grace = _Grace(self._reactor, grace_seconds, lambda: self._kill_after_grace(container_id))
+        self._graces[container_id] = grace
 
         async def run() -> ExitStatus:
             exited = self.wait(container_id)  # registered before the signal: no race
-            timer: IDelayedCall | None = None
             try:
                 delivered = await self._call("container SIGTERM", _kill, container_id, "SIGTERM")
                 if not delivered and not exited.called:
@@ -322,13 +333,12 @@ class ContainerRuntime(Service):
                             f"container terminate failed: {container_id[:64]} was never started"
                         )
                 if not exited.called:
-                    timer = self._reactor.callLater(
-                        max(0.0, grace_seconds), self._kill_after_grace, container_id
-                    )
+                    grace.arm()
                 return await exited
             finally:
-                if timer is not None and timer.active():
-                    timer.cancel()
+                grace.cancel()
+                if self._graces.get(container_id) is grace:
+                    del self._graces[container_id]
                 if not exited.called:
                     exited.cancel()
                     exited.addErrback(lambda _: None)
@@ -356,6 +366,39 @@ class ContainerRuntime(Service):
         if self._state == "running":
             super().stopService()
         return self._exits.stop()
+
+
+class _Grace:
+    """The SIGKILL deadline of one termination: set when the SIGTERM has been
+    delivered (``arm``), and only ever brought forward (``shorten``)."""
+
+    def __init__(self, reactor: IReactorTime, grace_seconds: float, expire: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._expire = expire
+        self._deadline = reactor.seconds() + max(0.0, grace_seconds)
+        self._timer: IDelayedCall | None = None
+        self._done = False
+
+    def arm(self) -> None:
+        if not self._done and self._timer is None:
+            self._timer = self._reactor.callLater(max(0.0, self._deadline - self._reactor.seconds()), self._fire)
+
+    def shorten(self, grace_seconds: float) -> None:
+        deadline = self._reactor.seconds() + max(0.0, grace_seconds)
+        if self._done or deadline >= self._deadline:
+            return
+        self._deadline = deadline
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(max(0.0, deadline - self._reactor.seconds()))
+
+    def cancel(self) -> None:
+        self._done = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def _fire(self) -> None:
+        self._done = True
+        self._expire()
 
 
 def _kill(api: Any, container_id: str, sig: str) -> bool:

@@ -97,7 +97,8 @@ class JobExecution:
         error: str = "Killed by request",
     ) -> Deferred[JobRecord]:
         """Stop the job: it ends in ``state`` (KILLED, or WORKER_FAILED when the
-        worker shuts down) once its container, if any, is dead."""
+        worker shuts down) once its container, if any, is dead. The first kill
+        decides the outcome; a later one with a shorter grace shortens the wait."""
         if not self._kill_requested:
             self._kill_requested = True
             self._kill_grace = grace_seconds
@@ -107,6 +108,10 @@ class JobExecution:
                 cancel()
             if self._container_id and self.record.state is JobState.RUNNING:
                 self._terminate(grace_seconds)
+        elif grace_seconds < self._kill_grace:
+            self._kill_grace = grace_seconds
+            if self._container_id and self.record.state is JobState.RUNNING:
+                self._terminate(grace_seconds)  # the runtime brings its SIGKILL forward
         return self.done()
 
     # -- the pipeline ----------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -37,6 +37,8 @@ from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
 
 StateListener = Callable[[JobRecord], None]
+#: How long a KillJob caller waits past the grace for the job to end.
+KILL_SETTLE_SECONDS = 30.0
 
 
 class JobManager(Service):
@@ -55,6 +57,7 @@ class JobManager(Service):
         retention_seconds: float = 7 * 24 * 3600,
         max_result_bytes: int = 64 * 2**20,
         shutdown_grace_seconds: float = 5.0,
+        max_kill_grace_seconds: float = 300.0,
     ) -> None:
         self._reactor = reactor
         self._logs = logs
@@ -65,6 +68,7 @@ class JobManager(Service):
         self._retention_seconds = retention_seconds
         self._max_result_bytes = max_result_bytes
         self._shutdown_grace = shutdown_grace_seconds
+        self._max_kill_grace = max_kill_grace_seconds
         self._kit = replace(kit, changed=self._changed)
         self._store: JobStore = kit.store
         self._jobs: dict[str, JobRecord] = {}
@@ -208,9 +212,16 @@ class JobManager(Service):
             raise PreconditionFailed(f"job {job_id} already finished as {record.state.name}")
         if term_timeout_ms < 0:
             raise InvalidJobRequest(f"invalid term_timeout_ms {term_timeout_ms}")
-        grace = (term_timeout_ms or 5000) / 1000.0
+        grace = min((term_timeout_ms or 5000) / 1000.0, self._max_kill_grace)
         self.log.info("killing job {job_id} (grace {grace} s)", job_id=job_id, grace=grace)
-        await execution.kill(grace)
+        # The caller waits for the job to end, but never much past its grace:
+        # past it the SIGKILL is on its way, and the record tells the rest.
+        ended = execution.kill(grace)
+        ended.addTimeout(grace + KILL_SETTLE_SECONDS, self._reactor)  # type: ignore[arg-type]
+        try:
+            await ended
+        except TimeoutError:
+            self.log.warn("job {job_id} is still stopping {s} s after its kill", job_id=job_id, s=grace)
 
     def running_count(self) -> int:
         return sum(1 for r in self._jobs.values() if r.state is JobState.RUNNING)
