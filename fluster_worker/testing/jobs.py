@@ -1,7 +1,8 @@
 """JobRig: a JobManager assembled from fakes for fast unit tests of the job core.
 
 Real: the JobManager, JobExecution, JobStore and LogStore (on a temporary
-directory, their file work run inline), the PortAllocator. Fake: the clock
+directory, their file work run inline or held back by a PausablePool), the
+PortAllocator. Fake: the clock
 (``task.Clock``), the bundle cache, the image builder, the container runtime
 and the log follower (``fluster_worker.testing``). Time moves only when the test
 says so: ``settle()`` runs what is due now, ``advance(s)`` lets ``s`` seconds
@@ -10,11 +11,13 @@ pass, timer by timer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from twisted.internet.defer import Deferred, DeferredSemaphore
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, DeferredSemaphore, execute
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import Clock, LoopingCall
 from twisted.python.failure import Failure
 
 from fluster_worker.bundles.cache import BundleCache
@@ -31,10 +34,42 @@ from fluster_worker.testing.builder import FakeImageBuilder
 from fluster_worker.testing.bundle import FakeBundleCache
 from fluster_worker.testing.containers import FakeContainer, FakeContainerRuntime
 from fluster_worker.testing.follower import FakeLogFollowers
-from fluster_worker.testing.logs import InlinePool
+
+T = TypeVar("T")
 
 T0 = 1_700_000_000.0  # the clock's start: a plausible epoch time
 ENTRYPOINT = b"\x80\x05fake pickle"  # never unpickled: the fake container does not run it
+
+
+class PausablePool:
+    """A BlockingPool stand-in that runs each call at once on the calling thread,
+    or, while ``paused``, queues it until ``resume()`` (to see what the caller
+    does while its file work is in flight)."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.calls = 0
+        self._queued: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        self.calls += 1
+        if not self.paused:
+            return execute(f, *args, **kwargs)
+        d: Deferred[T] = Deferred()
+        self._queued.append((lambda: f(*args, **kwargs), d))
+        return d
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
+
+    def resume(self, *, newest_first: bool = False) -> None:
+        """Stop pausing and run the queued calls, in order or newest first (as
+        threads may finish them)."""
+        self.paused = False
+        while self._queued:
+            call, d = self._queued.pop(-1 if newest_first else 0)
+            execute(call).chainDeferred(d)
 
 
 class JobRig:
@@ -59,7 +94,7 @@ class JobRig:
         self.root = root
         self.clock = Clock()
         self.clock.advance(T0)
-        self.pool = InlinePool()
+        self.pool = PausablePool()
         self.store = JobStore(root / "jobs", self.pool)  # type: ignore[arg-type]
         self.logs = LogStore(root / "logs", self.pool, self.clock, batch_delay_s=0)  # type: ignore[arg-type]
         self.bundles = FakeBundleCache(auto=bundle_dir)
@@ -122,6 +157,14 @@ class JobRig:
         self.clock.advance(max(0.0, end - self.clock.seconds()))
         self.settle()
 
+    def timers(self) -> list[IDelayedCall]:
+        """The pending timers, but for the manager's periodic prune."""
+        return [c for c in self.clock.getDelayedCalls() if not self._is_pruner(c)]
+
+    def _is_pruner(self, call: IDelayedCall) -> bool:
+        func = getattr(call, "func", None)
+        return isinstance(func, LoopingCall) and func.f == self.manager.prune
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -173,4 +216,4 @@ def result(rig: JobRig, d: Deferred[Any]) -> Any:
     return out[0]
 
 
-__all__ = ["ENTRYPOINT", "T0", "JobRig", "result"]
+__all__ = ["ENTRYPOINT", "T0", "JobRig", "PausablePool", "result"]
