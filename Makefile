@@ -56,6 +56,7 @@ proto: install
 bench: install base-image
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/logs.py
+	$(BIN)/python bench/kill.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

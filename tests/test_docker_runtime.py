@@ -596,9 +596,10 @@ async def test_terminate_kills_a_container_that_ignores_sigterm(
     grace = 1.0
     started = now()
     status = await within(runtime.terminate(cid, grace))
-    elapsed = now() - started
-    assert status.exit_code == 137  # SIGKILL
-    assert grace <= elapsed < grace + 1.0
+    assert status.exit_code == 137  # SIGKILL, which only the grace timer sends
+    # Never before the grace. That it comes at the grace to the tick is
+    # test_container_terminate.py; how soon after, on the engine, bench/kill.py.
+    assert now() - started >= grace
 
 
 @pytest.mark.docker
@@ -608,10 +609,8 @@ async def test_terminate_of_a_cooperative_container_beats_the_grace(
 ) -> None:
     cid = await runtime.create(spec_for(runtime, base_image, ["sleep", "1000"]))
     await runtime.start(cid)
-    grace = 30.0
-    started = now()
+    grace = 600.0  # far beyond within()'s 30 s: a terminate that waited for it fails here
     status = await within(runtime.terminate(cid, grace))
-    assert now() - started < 10.0
     assert status.exit_code == 143  # 128 + SIGTERM, via the init
     # Terminating it again: already dead is fine.
     again = await within(runtime.terminate(cid, grace))

@@ -193,7 +193,10 @@ async def test_kill_of_a_job_that_traps_sigterm(harness: Harness, tmp_path: Path
     elapsed = time.monotonic() - started
     status = await harness.client.status(request.job_id)
     assert status.state == pb.JOB_STATE_KILLED
-    assert elapsed < 1.0 + 1.0, elapsed  # grace + 1 s
+    assert status.exit_code == 137  # SIGKILL: the job outlived SIGTERM
+    # KillJob answers once the job is dead, which is not before the grace; how
+    # soon after it is a speed goal (bench/kill.py).
+    assert elapsed >= 1.0, elapsed
     assert containers_of(docker_client, harness.worker.worker_id, request.job_id) == []
     with pytest.raises(RpcError) as e:
         await harness.client.kill(request.job_id)
