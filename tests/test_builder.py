@@ -43,7 +43,8 @@ from fluster_worker.images.builder import (
     runner_command,
     validate,
 )
-from fluster_worker.images.dockerfile import IMAGE_LABEL, INPUTS_LABEL, LAYER_LABEL, BuildInputs, BuildOutput
+from fluster_worker.images.dockerfile import IMAGE_LABEL, INPUTS_LABEL, LAYER_LABEL, BuildInputs
+from fluster_worker.images.output import BuildOutput
 from fluster_worker.testing.builder import FakeImageBuilder
 
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")

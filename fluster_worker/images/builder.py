@@ -50,7 +50,6 @@ from fluster_worker.images.dockerfile import (
     TAG_REPOSITORY,
     BuildError,
     BuildInputs,
-    BuildOutput,
     InvalidBuildInput,
     file_sha256,
     prepare_context,
@@ -62,6 +61,7 @@ from fluster_worker.images.dockerfile import (
     validate_repository,
 )
 from fluster_worker.images.gc import ImageGC, one_line
+from fluster_worker.images.output import BuildOutput
 
 __all__ = [
     "CONTAINER_APP_DIR",

@@ -1,5 +1,5 @@
 """What goes into a job image: input validation, the content-addressed tag, the
-Dockerfile and its build context, and the one-line cause of a failed build.
+Dockerfile and its build context. (What comes out of a build: output.py.)
 
 Everything here is pure or blocking (file I/O): `ImageBuilder` runs the blocking
 parts in its BlockingPool.
@@ -19,14 +19,12 @@ import re
 import shutil
 import tempfile
 import tomllib
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
 
 from fluster_worker.common.safe_files import FileTooLarge, UnsafeFile, read_regular
-from fluster_worker.common.text import one_line
 
 # --- in-container layout (the JobManager mounts and runs against these) -------
 
@@ -65,7 +63,6 @@ MAX_REQUIREMENT_CHARS = 1000
 _EXTRA_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _URL_RE = re.compile(r"https?://[^\s\"'\\$`]+")
 _REPOSITORY_RE = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def runner_command(
@@ -339,92 +336,3 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-# --- build output -------------------------------------------------------------
-
-
-class BuildOutput:
-    """Splits the engine's build stream into lines and remembers the output of
-    the current step, to name the cause when the build fails."""
-
-    def __init__(self, keep: int = 200) -> None:
-        self._partial = ""
-        self._step = ""
-        self._step_output: deque[str] = deque(maxlen=keep)
-
-    def feed(self, chunk: str) -> list[str]:
-        """Complete, cleaned lines of a "stream" chunk (keeps a partial line)."""
-        text = self._partial + _ANSI_RE.sub("", chunk)
-        *lines, self._partial = text.split("\n")
-        out = [line.rstrip("\r") for line in lines]
-        for line in out:
-            self._note(line)
-        return out
-
-    def flush(self) -> list[str]:
-        rest, self._partial = self._partial, ""
-        if rest:
-            self._note(rest)
-            return [rest]
-        return []
-
-    def _note(self, line: str) -> None:
-        if line.startswith("Step ") and " : " in line:
-            self._step = line.split(" : ", 1)[1].strip()
-            self._step_output.clear()
-        elif line.startswith((" ---> ", "Removing intermediate container")):
-            pass
-        elif line.strip():
-            self._step_output.append(line)
-
-    def failure(self, engine_message: str) -> str:
-        """One line: 'image build failed: <step>: <cause>'."""
-        cause = _cause(list(self._step_output)) or engine_message.strip() or "unknown error"
-        step = _step_name(self._step)
-        message = f"image build failed: {step}: {cause}" if step else f"image build failed: {cause}"
-        return one_line(message, 500)
-
-
-def _step_name(instruction: str) -> str:
-    if not instruction:
-        return ""
-    if instruction.startswith("RUN ["):
-        try:
-            argv = json.loads(instruction[4:])
-        except ValueError:
-            argv = None
-        if isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv):
-            words = [a for a in argv[:3] if not a.startswith("-")]
-            if words[:2] == ["uv", "pip"]:
-                return " ".join(words[:3])
-            return " ".join(words[:2])
-    return instruction if len(instruction) <= 60 else instruction[:57] + "..."
-
-
-def _cause(output: list[str]) -> str:
-    """uv's last 'error:' line with its 'cause:'/'Caused by:' lines, else the
-    last output line."""
-    for i in range(len(output) - 1, -1, -1):
-        line = output[i].strip()
-        if not line.startswith(("error:", "×")):
-            continue
-        parts = [line.removeprefix("error:").removeprefix("×").strip()]
-        skipping = False  # inside a hint
-        for follow in output[i + 1 :]:
-            f = follow.strip()
-            if not follow[:1].isspace() and not f.startswith(_CAUSE_PREFIXES):
-                break
-            prefix = next((p for p in _CAUSE_PREFIXES if f.startswith(p)), None)
-            if prefix is not None:
-                parts.append(f.removeprefix(prefix).strip())
-                skipping = False
-            elif f.startswith("hint:"):
-                skipping = True
-            elif not skipping:
-                parts[-1] += " " + f
-        return ": ".join(p for p in parts if p)
-    return output[-1].strip() if output else ""
-
-
-_CAUSE_PREFIXES = ("cause:", "Caused by:", "╰─▶", "├─▶")
