@@ -34,6 +34,10 @@ class WorkerConfig:
     docker_path: str = "docker"
     extra_labels: dict[str, str] = field(default_factory=dict)
     max_kill_grace: float = 300.0
+    gpus: str = "all"  # all (what nvidia-smi finds) | none | ids "0,1,3"
+    tpu_devices: tuple[str, ...] = ("/dev/accel*", "/dev/vfio/*")
+    accelerator_shm_bytes: int = 16 * 2**30  # /dev/shm of GPU and TPU jobs
+    tpu_memlock_unlimited: bool = True  # RLIMIT_MEMLOCK of TPU jobs: unlimited, else the engine's
 
     @property
     def cpu_count(self) -> int:

@@ -38,6 +38,12 @@ class GpuInfo:
     count: int
     name: str  # as nvidia-smi names it ("NVIDIA A100-SXM4-80GB"), "" when unknown
     memory_mb: int  # per device, 0 when unknown
+    # nvidia-smi's indexes ("0", "1", ...): what Docker's device requests name.
+    ids: tuple[str, ...] = ()
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        return self.ids or tuple(str(i) for i in range(self.count))
 
     @property
     def variant(self) -> str:
@@ -115,7 +121,7 @@ def detect_gpu(
     if smi is not None:
         try:
             done = run(
-                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                [smi, "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
                 capture_output=True,
                 text=True,
                 timeout=15,
@@ -124,14 +130,17 @@ def detect_gpu(
         except (OSError, subprocess.SubprocessError):
             done = None
         if done is not None and done.returncode == 0:
-            rows = [line.split(",") for line in done.stdout.splitlines() if line.strip()]
+            rows = [[f.strip() for f in line.split(",")] for line in done.stdout.splitlines() if line.strip()]
+            rows = [row for row in rows if len(row) >= 2 and re.fullmatch(r"\d{1,4}", row[0])]
             if rows:
-                name = rows[0][0].strip()[:200]
+                name = rows[0][1][:200]
                 try:
-                    memory_mb = int(float(rows[0][1].strip())) if len(rows[0]) > 1 else 0
+                    memory_mb = int(float(rows[0][2])) if len(rows[0]) > 2 else 0
                 except ValueError:
                     memory_mb = 0
-                return GpuInfo(count=len(rows), name=name, memory_mb=memory_mb)
+                return GpuInfo(
+                    count=len(rows), name=name, memory_mb=memory_mb, ids=tuple(row[0] for row in rows)
+                )
     try:
         nodes = [p for p in dev_dir.iterdir() if re.fullmatch(r"nvidia\d+", p.name)]
     except OSError:

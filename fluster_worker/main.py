@@ -44,6 +44,10 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
     ("advertise-memory", None, None, 'Memory advertised, e.g. "23g" (default: this machine\'s).', str),
     ("docker", None, "docker", "The docker CLI (used for `docker logs -f`).", str),
     ("max-kill-grace", None, str(int(_DEFAULTS.max_kill_grace)), "Longest SIGTERM grace of a kill, seconds.", float),
+    ("gpus", None, _DEFAULTS.gpus, "GPUs jobs may have: all (what nvidia-smi finds), none, or ids like 0,1,3.", str),
+    ("tpu-devices", None, ",".join(_DEFAULTS.tpu_devices), "TPU device nodes, GLOB[,GLOB]; a TPU job gets all.", str),
+    ("accelerator-shm-size", None, "16g", "Shared memory (/dev/shm) of GPU and TPU jobs.", str),
+    ("tpu-memlock", None, "unlimited", "Locked-memory limit of TPU jobs: unlimited, or engine (its default).", str),
 ]
 
 
@@ -88,6 +92,24 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         port_range = parse_port_range(values.pop("port-range", "30000-39999"))
     except ValueError as e:
         raise usage.UsageError(f"--port-range: {e}") from None
+    from fluster_worker.accelerators import parse_gpus, parse_tpu_devices
+    from fluster_worker.containers.resources import parse_memory
+
+    try:
+        parse_gpus(values.get("gpus"))
+    except ValueError as e:
+        raise usage.UsageError(f"--gpus: {e}") from None
+    try:
+        tpu_devices = parse_tpu_devices(values.get("tpu-devices"))
+    except ValueError as e:
+        raise usage.UsageError(f"--tpu-devices: {e}") from None
+    try:
+        shm_bytes = parse_memory(values.get("accelerator-shm-size", "16g")) or _DEFAULTS.accelerator_shm_bytes
+    except ValueError as e:
+        raise usage.UsageError(f"--accelerator-shm-size: {e}") from None
+    memlock = values.get("tpu-memlock", "unlimited").strip().lower()
+    if memlock not in ("unlimited", "engine"):
+        raise usage.UsageError(f"--tpu-memlock: {memlock[:40]!r} is neither unlimited nor engine")
     extra = values.pop("extra-index-url", "")
     if values.get("max-concurrent-jobs", 1) < 1:
         raise usage.UsageError("--max-concurrent-jobs must be at least 1")
@@ -118,6 +140,10 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         advertise_memory=values.get("advertise-memory"),
         docker_path=values["docker"],
         max_kill_grace=values["max-kill-grace"],
+        gpus=values.get("gpus", _DEFAULTS.gpus),
+        tpu_devices=tpu_devices,
+        accelerator_shm_bytes=shm_bytes,
+        tpu_memlock_unlimited=memlock == "unlimited",
     )
 
 

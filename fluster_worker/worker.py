@@ -14,10 +14,12 @@ from typing import Any
 
 import treq
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
+from fluster_worker.accelerators import Accelerators, discover
 from fluster_worker.bundles.cache import BundleCache
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
@@ -34,6 +36,7 @@ from fluster_worker.controller import (
 )
 from fluster_worker.controller.reporter import JobReporter
 from fluster_worker.images.builder import ImageBuilder
+from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.env import ContainerEnv
 from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
@@ -96,6 +99,10 @@ class Worker(MultiService):
             max_image_bytes=config.max_image_bytes,
         )
         docker_path = shutil.which(config.docker_path) or config.docker_path
+        # GPUs and TPUs, found when the worker starts (``_discover_devices``).
+        self.devices = JobDevices(
+            None, shm_size_bytes=config.accelerator_shm_bytes, tpu_memlock_unlimited=config.tpu_memlock_unlimited
+        )
         kit = Toolkit(
             reactor=reactor,
             store=self.store,
@@ -116,6 +123,7 @@ class Worker(MultiService):
             container_env=ContainerEnv(_container_controller_address(config.controller)).of,
             changed=lambda record: None,
             labels=dict(config.extra_labels),
+            devices=self.devices,
         )
         self.ports = PortAllocator(*config.port_range)
         self.manager = JobManager(
@@ -151,6 +159,7 @@ class Worker(MultiService):
             advertise_host=self.config.advertise_host,
             cpu=self.config.advertise_cpu,
             memory=self.config.advertise_memory,
+            accelerators=lambda: self.devices.accelerators,
         )
         self.registration = Registration(
             client, self.reactor, advert, heartbeat_interval_s=self.config.heartbeat_seconds
@@ -166,14 +175,37 @@ class Worker(MultiService):
         for service in self:
             if service is not self.web:
                 service.startService()
+        self._discover_devices()
         if self.web is not None:
             web = self.web
             web.when_listening().addCallback(self._listening).addErrback(
                 lambda f: self.log.failure("finding the address to advertise failed", f)
             )
-            self.manager.ready().addCallback(lambda _: web.startService() if self.running else None).addErrback(
-                lambda f: self.log.failure("starting the web site failed", f)
+            # Once the devices are known too: no RunJob is refused for want of them.
+            gatherResults([self.manager.ready(), self.devices.ready()]).addCallback(
+                lambda _: web.startService() if self.running else None
+            ).addErrback(lambda f: self.log.failure("starting the web site failed", f))
+
+    def _discover_devices(self) -> None:
+        """The GPUs and TPU device nodes jobs may have (nvidia-smi, globs: on the pool)."""
+        if self.devices.accelerators is not None:
+            return
+        config = self.config
+
+        def found(accelerators: Accelerators) -> None:
+            self.log.info(
+                "devices: GPUs {gpus} ({model}), TPU device nodes {tpus}",
+                gpus=list(accelerators.gpus.ids),
+                model=accelerators.gpus.name or accelerators.gpus.variant,
+                tpus=list(accelerators.tpus.paths),
             )
+            self.devices.configure(accelerators)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("finding GPUs and TPUs failed: jobs get none", failure)
+            self.devices.configure(Accelerators())
+
+        self.file_pool.run(discover, config.gpus, config.tpu_devices).addCallback(found).addErrback(failed)
 
     def _listening(self, port: int) -> Deferred[None]:
         from fluster_worker.host import advertise_address, advertise_host

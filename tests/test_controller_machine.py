@@ -124,12 +124,14 @@ def test_no_gpu_means_no_device(tmp_path: Path) -> None:
 def test_gpu_from_nvidia_smi(tmp_path: Path) -> None:
     def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         assert argv[0] == "/usr/bin/nvidia-smi"
-        out = "NVIDIA A100-SXM4-80GB, 81920\nNVIDIA A100-SXM4-80GB, 81920\n"
+        assert argv[1] == "--query-gpu=index,name,memory.total"
+        out = "0, NVIDIA A100-SXM4-80GB, 81920\n2, NVIDIA A100-SXM4-80GB, 81920\n"
         return subprocess.CompletedProcess(argv, 0, out, "")
 
     gpu = detect_gpu(which=lambda name: "/usr/bin/nvidia-smi", run=run, dev_dir=tmp_path)
-    assert gpu == GpuInfo(count=2, name="NVIDIA A100-SXM4-80GB", memory_mb=81920)
+    assert gpu == GpuInfo(count=2, name="NVIDIA A100-SXM4-80GB", memory_mb=81920, ids=("0", "2"))
     assert gpu.variant == "A100"
+    assert gpu.device_ids == ("0", "2")
     facts = MachineFacts("box", "10.1.2.3", 8, 64 * GIB, gpu)
     spec = resource_spec(facts)
     assert spec.device.WhichOneof("device") == "gpu"
@@ -148,6 +150,7 @@ def test_gpu_from_device_nodes_when_nvidia_smi_fails(tmp_path: Path) -> None:
     gpu = detect_gpu(which=lambda name: "/usr/bin/nvidia-smi", run=run, dev_dir=tmp_path)
     assert gpu == GpuInfo(count=1, name="", memory_mb=0)
     assert gpu.variant == "auto"
+    assert gpu.device_ids == ("0",)
 
 
 def test_gpu_variant_names() -> None:

@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.containers.engine import ContainerError, Engine
 from fluster_worker.containers.events import ExitWatcher
@@ -141,6 +142,7 @@ class ContainerRuntime(Service):
                 mem_limit=spec.memory_bytes,
                 memswap_limit=spec.memory_bytes,
                 auto_remove=False,
+                **_device_options(spec),
             )
             result = api.create_container(
                 spec.image,
@@ -161,7 +163,9 @@ class ContainerRuntime(Service):
         return self._call("container create", create)
 
     def start(self, container_id: str) -> Deferred[None]:
-        return self._call("container start", lambda api: api.start(container_id))
+        """Start a created container. An engine that cannot hand out the GPUs the
+        container asks for says so: "the Docker engine has no GPU runtime"."""
+        return self._call("container start", lambda api: api.start(container_id)).addErrback(_device_start_error)
 
     def signal(self, container_id: str, sig: str) -> Deferred[None]:
         """Send ``sig`` ("SIGTERM", "SIGKILL", ...) to the container's init. A container
@@ -399,6 +403,54 @@ class _Grace:
     def _fire(self) -> None:
         self._done = True
         self._expire()
+
+
+def _device_options(spec: ContainerSpec) -> dict[str, Any]:
+    """The host config of a spec's devices: an nvidia device request for exactly its
+    GPU ids, its device nodes (read, write, mknod), their groups, /dev/shm, memlock."""
+    options: dict[str, Any] = {}
+    if spec.gpu_ids:
+        options["device_requests"] = [
+            docker.types.DeviceRequest(driver="nvidia", device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])
+        ]
+    if spec.devices:
+        options["devices"] = [f"{path}:{path}:rwm" for path in spec.devices]
+    if spec.group_add:
+        options["group_add"] = [str(gid) for gid in spec.group_add]
+    if spec.shm_size_bytes is not None:
+        options["shm_size"] = spec.shm_size_bytes
+    if spec.memlock_unlimited:
+        options["ulimits"] = [docker.types.Ulimit(name="memlock", soft=-1, hard=-1)]
+    return options
+
+
+# What the engine says when no runtime can take a device request (no NVIDIA
+# Container Toolkit): 'could not select device driver "nvidia" with capabilities: [[gpu]]'.
+_NO_DEVICE_DRIVER = "could not select device driver"
+
+
+# What runc says when the engine may not raise a limit above its own hard limit
+# (it lacks CAP_SYS_RESOURCE): "error setting rlimit type 8: operation not permitted".
+_RLIMIT_MEMLOCK = "error setting rlimit type 8"
+
+
+def _device_start_error(failure: Failure) -> Failure:
+    """Say in one line what the engine cannot do for the container's devices."""
+    error = failure.value
+    if not isinstance(error, ContainerError):
+        return failure
+    cause = str(error).split(": ", 1)[-1]
+    if _NO_DEVICE_DRIVER in str(error):
+        raise ContainerError(
+            "container start failed: the Docker engine has no GPU runtime "
+            f"(install the NVIDIA Container Toolkit): {one_line(cause, 200)}"
+        ) from error
+    if _RLIMIT_MEMLOCK in str(error):
+        raise ContainerError(
+            "container start failed: the Docker engine may not raise the locked-memory limit "
+            f"(RLIMIT_MEMLOCK; it lacks CAP_SYS_RESOURCE): {one_line(cause, 200)}"
+        ) from error
+    return failure
 
 
 def _kill(api: Any, container_id: str, sig: str) -> bool:

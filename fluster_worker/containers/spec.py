@@ -33,6 +33,7 @@ ATTEMPT_ID_LABEL = "fluster.attempt_id"
 _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", re.ASCII)
 _NAME_MAX = 200
 _BAD_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+", re.ASCII)
+_GPU_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_-]{0,127}", re.ASCII)
 
 
 def sanitize_name_part(text: str, max_len: int = 40) -> str:
@@ -106,6 +107,13 @@ class ContainerSpec:
     nano_cpus: int | None = None
     memory_bytes: int | None = None  # memory+swap is set to the same: no swap
     pids_limit: int = 4096
+    # GPUs by id, through the engine's nvidia device request (the job sees only these).
+    gpu_ids: tuple[str, ...] = ()
+    # Device nodes passed through (TPU chips), at the same path inside; rwm.
+    devices: tuple[str, ...] = ()
+    group_add: tuple[int, ...] = ()  # extra groups of the job's user (device nodes' groups)
+    shm_size_bytes: int | None = None  # /dev/shm; None is the engine's 64 MiB
+    memlock_unlimited: bool = False  # RLIMIT_MEMLOCK unlimited (device DMA pins memory)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or len(self.name) > _NAME_MAX or not (
@@ -149,3 +157,17 @@ class ContainerSpec:
             )
         if self.pids_limit <= 0:
             raise ValueError(f"invalid pids_limit {self.pids_limit}: must be positive")
+        for gpu in self.gpu_ids:
+            check_text("gpu id", gpu, allow_empty=False)
+            if not _GPU_ID_RE.fullmatch(gpu):
+                raise ValueError(f"invalid gpu id {gpu[:80]!r}")
+        for device in self.devices:
+            check_text("device path", device, allow_empty=False)
+            # Docker's device syntax is host:container:permissions.
+            if not device.startswith("/") or ":" in device:
+                raise ValueError(f"invalid device path {device[:80]!r}: absolute, without ':'")
+        for gid in self.group_add:
+            if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
+                raise ValueError(f"invalid group id {gid!r}")
+        if self.shm_size_bytes is not None and self.shm_size_bytes <= 0:
+            raise ValueError(f"invalid shm_size_bytes {self.shm_size_bytes}: must be positive or None")

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from fluster_worker.accelerators import Accelerators
 from fluster_worker.common.backoff import Backoff
 from fluster_worker.controller._types import BlockingRunner
 from fluster_worker.controller.address import parse_controller_address
@@ -69,7 +70,8 @@ class RegistrationAdvert:
     facts, probed once on ``pool`` and cached until `invalidate`.
 
     ``cpu``/``memory``/``advertise_host`` override the detected values; they are
-    validated here (ValueError, one line)."""
+    validated here (ValueError, one line). ``accelerators()`` is what the worker
+    hands out (GPUs, TPU), advertised as such once known."""
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class RegistrationAdvert:
         cpu: int | None = None,
         memory: str | None = None,
         probe: Callable[[str | None, int, str | None], MachineFacts] = probe_machine,
+        accelerators: Callable[[], Accelerators | None] = lambda: None,
     ) -> None:
         controller = parse_controller_address(controller_address)
         if cpu is not None and cpu < 1:
@@ -97,6 +100,7 @@ class RegistrationAdvert:
         self._advertise_host = advertise_host
         self._cpu = cpu
         self._probe = probe
+        self._accelerators = accelerators
         self._facts: MachineFacts | None = None
 
     @property
@@ -113,11 +117,12 @@ class RegistrationAdvert:
                 self._probe, self._controller_host, self._controller_port, self._advertise_host
             )
         facts = self._facts
+        accelerators = self._accelerators()
         return pb.RegisterWorkerRequest(
             worker_id=self._worker_id,
             address=advertise_address(facts.address_host, port),
-            resources=resource_spec(facts, self._cpu, self._memory),
-            metadata=worker_metadata(facts),
+            resources=resource_spec(facts, self._cpu, self._memory, accelerators),
+            metadata=worker_metadata(facts, accelerators),
         )
 
 

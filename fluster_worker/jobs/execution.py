@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
 from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.waiters import Once
+from fluster_worker.containers.devices import DevicesUnavailable
 from fluster_worker.containers.runtime import ContainerError, ContainerRuntime, ContainerSpec, Mount, container_name
 from fluster_worker.images.builder import BuildError, ImageBuilder
 from fluster_worker.images.dockerfile import (
@@ -29,6 +30,7 @@ from fluster_worker.images.dockerfile import (
     CONTAINER_OUT_DIR,
     runner_command,
 )
+from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import JobLog, LogFollower
@@ -55,6 +57,7 @@ class Toolkit:
     default_kill_grace: float = 5.0
     usage_interval: float = 5.0
     labels: dict[str, str] = field(default_factory=dict)
+    devices: JobDevices = field(default_factory=JobDevices)
 
 
 class _Killed(Exception):
@@ -128,10 +131,16 @@ class JobExecution:
             return token
 
         slot = kit.slots.acquire().addCallback(take)
+        # In line for GPUs or the TPU too, in the same order; held until the end.
+        devices = kit.devices.claim(rec.spec)
         try:
             await kit.store.prepare(rec.job_id, self._entrypoint)
             self._entrypoint = b""  # on disk now; the worker keeps no copy
             await self._unless_killed(slot)
+            if not devices.granted:
+                self._phase(kit.devices.waiting_message(rec.spec))
+            granted_ids = await self._unless_killed(devices.wait())
+            rec.devices = list(granted_ids)
             self._move(JobState.BUILDING, "downloading bundle")
             if rec.spec.bundle_url:
                 lease = await self._unless_killed(
@@ -167,7 +176,7 @@ class JobExecution:
             await self._supervise(follow_done)
         except _Killed:
             self._finish(self._final_state, error=self._kill_error)
-        except (BundleError, BuildError, ContainerError) as e:
+        except (BundleError, BuildError, ContainerError, DevicesUnavailable) as e:
             self._fail(str(e))
         except Exception as e:
             self.log.failure("job {job_id} failed inside the worker", job_id=rec.job_id)
@@ -175,6 +184,7 @@ class JobExecution:
         finally:
             if self._container_id:
                 await self._remove_container()
+            devices.give_back()
             if release_image is not None:
                 release_image()
             if lease is not None:
@@ -271,7 +281,7 @@ class JobExecution:
             name=container_name(rec.worker_id, rec.job_id, rec.attempt_id),
             image=image,
             command=runner_command(),
-            env=kit.container_env(rec),
+            env=kit.devices.environment(rec, kit.container_env(rec)),
             labels={
                 **kit.labels,
                 "fluster.worker_id": rec.worker_id,
@@ -288,6 +298,7 @@ class JobExecution:
             ports={port: port for port in rec.ports.values()},
             nano_cpus=rec.spec.cpu * 1_000_000_000 if rec.spec.cpu else None,
             memory_bytes=rec.spec.memory_bytes,
+            **kit.devices.container_options(rec),
         )
 
     def _timeout(self) -> None:

@@ -145,7 +145,7 @@ class JobManager(Service):
                 raise JobAlreadyExists(
                     f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
                 )
-        spec = validation.job_spec(request, self._cpu_count)
+        spec = validation.job_spec(request, self._cpu_count, self._kit.devices)
         try:
             ports = self._ports.allocate(spec.port_names)
         except PortsExhausted as e:

@@ -165,6 +165,12 @@ class JobSpec:
     extras: list[str] = field(default_factory=list)
     pip_packages: list[str] = field(default_factory=list)
     workspace: str = ""
+    # resources.device, checked against what this worker has: "gpu" or "tpu"
+    # ("" for none); the GPU count; the variant and topology as asked.
+    device_kind: str = ""
+    device_count: int = 0
+    device_variant: str = ""
+    device_topology: str = ""
 
 
 @dataclass
@@ -187,6 +193,9 @@ class JobRecord:
     phases: list[tuple[str, int]] = field(default_factory=list)
     container_id: str = ""
     has_result: bool = False
+    # The device ids the job holds (GPU ids, TPU device paths) from the moment they
+    # are granted until it ends; kept so a re-adopted job holds them again.
+    devices: list[str] = field(default_factory=list)
 
     def move(self, new: JobState, at_ms: int, message: str = "") -> None:
         if new not in _TRANSITIONS.get(self.state, frozenset()):

@@ -7,13 +7,16 @@ import os
 import re
 import uuid
 
+from fluster_worker.accelerators import Accelerators
 from fluster_worker.containers import ports, resources
 from fluster_worker.images import builder
-from fluster_worker.jobs.model import InvalidJobRequest, JobRequest, JobSpec, PreconditionFailed, valid_job_id
+from fluster_worker.jobs.devices import JobDevices
+from fluster_worker.jobs.model import InvalidJobRequest, JobRequest, JobSpec, valid_job_id
 
 MAX_ENTRYPOINT_BYTES = 16 * 2**20
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 _BUNDLE_SCHEMES = ("file://", "http://", "https://", "gs://")
+_NO_DEVICES = JobDevices(Accelerators())
 
 
 def job_id_of(request: JobRequest) -> str:
@@ -31,9 +34,10 @@ def check_job_id(job_id: str) -> None:
         )
 
 
-def job_spec(request: JobRequest, cpu_count: int) -> JobSpec:
+def job_spec(request: JobRequest, cpu_count: int, devices: JobDevices | None = None) -> JobSpec:
     """The validated spec of ``request``; raises InvalidJobRequest, or
-    PreconditionFailed for what this worker can never run."""
+    PreconditionFailed for what this worker can never run (a GPU or TPU it does
+    not have: ``devices`` says what it has, None is none)."""
     if not request.entrypoint:
         raise InvalidJobRequest("serialized_entrypoint is empty")
     if len(request.entrypoint) > MAX_ENTRYPOINT_BYTES:
@@ -43,9 +47,6 @@ def job_spec(request: JobRequest, cpu_count: int) -> JobSpec:
         raise InvalidJobRequest(
             f"unsupported bundle_gcs_path {url[:100]!r}: use file://, http(s)://, gs:// or an absolute path"
         )
-    device = request.device.kind
-    if device in ("gpu", "tpu"):
-        raise PreconditionFailed(f"this worker has no {device.upper()}")
     if request.cpu < 0:
         raise InvalidJobRequest(f"invalid resources.cpu {request.cpu}: must be >= 0")
     if request.cpu > cpu_count:
@@ -67,7 +68,7 @@ def job_spec(request: JobRequest, cpu_count: int) -> JobSpec:
         builder.validate(list(request.extras), list(request.pip_packages))
     except ValueError as e:
         raise InvalidJobRequest(str(e)) from None
-    return JobSpec(
+    spec = JobSpec(
         bundle_url=url,
         cpu=request.cpu,
         memory=request.memory,
@@ -79,4 +80,6 @@ def job_spec(request: JobRequest, cpu_count: int) -> JobSpec:
         pip_packages=list(request.pip_packages),
         workspace=request.workspace,
     )
+    (devices or _NO_DEVICES).check(request.device, spec)
+    return spec
 

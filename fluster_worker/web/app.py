@@ -89,6 +89,7 @@ def build_app(
             worker_id=worker.worker_id,
             rpc_methods=[m.name for m in descriptor.methods],
             registration=lambda: getattr(worker, "registration", None),
+            devices=lambda: getattr(worker, "devices", None),
         )
         metrics.watch(worker.manager)
     if service is None:

@@ -14,6 +14,10 @@ Names (all prefixed ``fluster_worker_``):
 - ``rpc_duration_seconds{method,code}``: histogram, Connect RPC latency; ``method`` is
   one of the service's methods or ``unknown``, ``code`` is ``ok`` or a Connect code.
 - ``uptime_seconds``, ``info{worker_id,version}``, ``controller_connected``.
+- ``devices{kind}``, ``devices_in_use{kind}``, ``device_requests_waiting{kind}``:
+  gauges, GPUs (``kind="gpu"``) and TPU device nodes (``kind="tpu"``) the worker
+  hands out, how many jobs hold now, and the jobs in line for them;
+  ``device_in_use{kind,device}``: 1 while a job holds that device.
 
 The counters move from ``JobManager.add_listener`` events, counted once per job id and
 attempt: a build or cache hit when a job seen without an image tag gets one (so jobs
@@ -34,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from fluster_worker import __version__
 from fluster_worker.jobs.model import JobRecord, JobState
-from fluster_worker.web.views import ManagerView, line_count
+from fluster_worker.web.views import ManagerView, line_count, worker_devices
 
 PREFIX = "fluster_worker_"
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -59,6 +63,7 @@ class WorkerMetrics:
         worker_id: str,
         rpc_methods: Iterable[str] = (),
         registration: Callable[[], object | None] = lambda: None,
+        devices: Callable[[], object | None] = lambda: None,
     ) -> None:
         self._manager = manager
         self._logs = logs
@@ -66,6 +71,7 @@ class WorkerMetrics:
         self._started = clock.seconds()
         self._methods = frozenset(rpc_methods)
         self._registration = registration  # read at scrape: it may be attached after us
+        self._devices = devices
         self._seen: dict[str, _Seen] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -136,6 +142,33 @@ class WorkerMetrics:
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
+    def _device_metrics(self) -> Iterator[Metric]:
+        devices = worker_devices(self)
+        if not devices:
+            return
+        total = GaugeMetricFamily(PREFIX + "devices", "GPUs and TPU device nodes jobs may have.", labels=["kind"])
+        in_use = GaugeMetricFamily(PREFIX + "devices_in_use", "Devices held by jobs now.", labels=["kind"])
+        waiting = GaugeMetricFamily(
+            PREFIX + "device_requests_waiting", "Jobs waiting in line for devices.", labels=["kind"]
+        )
+        each = GaugeMetricFamily(
+            PREFIX + "device_in_use", "1 while a job holds the device.", labels=["kind", "device"]
+        )
+        for kind in ("gpu", "tpu"):
+            usage = devices[kind]
+            total.add_metric([kind], len(usage["ids"]))
+            in_use.add_metric([kind], len(usage["in_use"]))
+            waiting.add_metric([kind], usage["waiting"])
+            held = set(usage["in_use"])
+            for device in sorted(set(usage["ids"]) | held):
+                each.add_metric([kind, device], 1 if device in held else 0)
+        yield from (total, in_use, waiting, each)
+
+    @property
+    def devices(self) -> object | None:
+        """The worker's JobDevices (read by ``worker_devices``), when it has them."""
+        return self._devices()
+
     def _forget_gone(self) -> None:
         for job_id in [j for j in self._seen if self._manager.find(j) is None]:
             del self._seen[job_id]
@@ -167,6 +200,7 @@ class WorkerMetrics:
         info = GaugeMetricFamily(PREFIX + "info", "The worker's identity.", labels=["worker_id", "version"])
         info.add_metric([worker_id, __version__], 1)
         yield info
+        yield from self._device_metrics()
         registration = self._registration()
         if registration is not None:
             yield GaugeMetricFamily(

@@ -20,6 +20,7 @@ from twisted.web.server import Request
 from fluster_worker import __version__
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
+from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.model import JobRecord, JobState, valid_job_id
 from fluster_worker.logs.model import SOURCES, LogLine, LogQuery
 
@@ -129,6 +130,7 @@ def job_summary(record: JobRecord, now: int) -> dict[str, Any]:
         "finished_at_ms": record.finished_at_ms,
         "duration_ms": duration_ms(record, now),
         "ports": dict(record.ports),
+        "devices": job_devices(record),
         "usage": {
             "cpu_percent": u.cpu_percent,
             "cpu_millicores": u.cpu_millicores,
@@ -138,6 +140,37 @@ def job_summary(record: JobRecord, now: int) -> dict[str, Any]:
             "disk_mb": u.disk_mb,
         },
     }
+
+
+def job_devices(record: JobRecord) -> dict[str, Any] | None:
+    """The GPUs or TPU a job asked for and the ids it holds (or held); None for a
+    job without devices."""
+    s = record.spec
+    if not s.device_kind:
+        return None
+    return {
+        "kind": s.device_kind,
+        "ids": list(record.devices),
+        "count": s.device_count,
+        "variant": s.device_variant,
+        "topology": s.device_topology,
+    }
+
+
+def worker_devices(worker: object) -> dict[str, Any]:
+    """The worker's GPUs and TPU device nodes, and which are in use."""
+    devices = getattr(worker, "devices", None)
+    if not isinstance(devices, JobDevices):
+        return {}
+    found = devices.accelerators
+    usage = devices.usage()
+    gpus = {**usage["gpu"], "name": found.gpus.name if found else "", "variant": found.gpus.variant if found else ""}
+    tpus = {
+        **usage["tpu"],
+        "accelerator_type": found.tpus.accelerator_type if found else "",
+        "topology": found.tpus.topology if found else "",
+    }
+    return {"known": found is not None, "gpu": gpus, "tpu": tpus}
 
 
 def timeline(record: JobRecord, now: int) -> list[dict[str, Any]]:
@@ -220,6 +253,7 @@ def worker_stats(worker: WorkerView, facts: Facts) -> dict[str, Any]:
             "memory": config.advertise_memory or "",
             "memory_total_bytes": facts.memory_total_bytes,
             "max_concurrent_jobs": config.max_concurrent_jobs,
+            "devices": worker_devices(worker),
         },
         "jobs": {
             "total": len(records),

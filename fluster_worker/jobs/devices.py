@@ -1,0 +1,241 @@
+"""GPUs and TPUs for the jobs that ask for them: whether a request can ever be met
+on this worker (checked at submit: PreconditionFailed with one line), a place in
+line for the devices taken at arrival beside the job's slot (``claim``), and what
+the job's container gets for them.
+
+- A GPU job gets ``count`` GPU ids of its own (an nvidia device request for exactly
+  those), ``NVIDIA_VISIBLE_DEVICES`` and ``FLUSTER_GPU_IDS`` naming them. Every
+  other job gets ``NVIDIA_VISIBLE_DEVICES=void``, so an engine whose default
+  runtime is nvidia never hands it a GPU because of its own variables.
+- A TPU job gets every TPU device node of the host (so one TPU job runs at a time),
+  the worker's TPU variables (its own env_vars win), ``FLUSTER_TPU_DEVICES``, the
+  nodes' groups, unlimited locked memory (``--tpu-memlock``) and a large /dev/shm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.python.failure import Failure
+
+from fluster_worker.accelerators import Accelerators
+from fluster_worker.common.text import one_line
+from fluster_worker.common.waiters import Once
+from fluster_worker.containers.devices import DeviceAllocator
+from fluster_worker.jobs.model import (
+    DeviceRequest,
+    InvalidJobRequest,
+    JobRecord,
+    JobSpec,
+    PreconditionFailed,
+    WorkerUnavailable,
+)
+
+__all__ = ["DEFAULT_SHM_BYTES", "DeviceClaim", "JobDevices"]
+
+# /dev/shm of GPU and TPU jobs: JAX, PyTorch data loaders and NCCL outgrow the
+# engine's 64 MiB. Pages in it count toward the job's memory limit.
+DEFAULT_SHM_BYTES = 16 * 2**30
+_MAX_TEXT = 100
+_NONE = Accelerators()
+
+
+class DeviceClaim:
+    """One job's place in line for its devices, taken when it arrives. ``wait()``
+    fires with the ids once granted (await it once); ``give_back()`` releases them,
+    or leaves the line when they were never granted."""
+
+    def __init__(self, allocator: DeviceAllocator | None, count: int) -> None:
+        self._allocator = allocator
+        self.ids: tuple[str, ...] | None = None
+        if allocator is None or count == 0:
+            self.ids = ()
+            self._wait: Deferred[tuple[str, ...]] = succeed(())
+        else:
+            self._wait = allocator.acquire(count).addCallback(self._granted)
+
+    def _granted(self, ids: tuple[str, ...]) -> tuple[str, ...]:
+        self.ids = ids
+        return ids
+
+    @property
+    def granted(self) -> bool:
+        return self.ids is not None
+
+    def wait(self) -> Deferred[tuple[str, ...]]:
+        return self._wait
+
+    def give_back(self) -> None:
+        if self.ids:
+            assert self._allocator is not None
+            self._allocator.release(self.ids)
+            self.ids = ()
+        elif self.ids is None:
+            self._wait.addErrback(_ignore_cancel)
+            self._wait.cancel()
+
+
+def _ignore_cancel(failure: Failure) -> None:
+    """The job left the line (or the line failed it): nothing more to say."""
+    failure.trap(CancelledError, Exception)
+
+
+class JobDevices:
+    """The worker's GPUs and TPUs as the job core sees them. ``accelerators`` None
+    means "not found yet": ``configure`` them once discovery is done (``ready``)."""
+
+    def __init__(
+        self,
+        accelerators: Accelerators | None = _NONE,
+        *,
+        shm_size_bytes: int = DEFAULT_SHM_BYTES,
+        tpu_memlock_unlimited: bool = True,
+    ) -> None:
+        self.gpus = DeviceAllocator("GPU")
+        self.tpus = DeviceAllocator("TPU")
+        self.shm_size_bytes = shm_size_bytes
+        # vfio TPUs pin the memory they map for DMA: the engine's default limit
+        # (8 MiB or less) is far too small.
+        self.tpu_memlock_unlimited = tpu_memlock_unlimited
+        self._accelerators: Accelerators | None = None
+        self._ready: Once[None] = Once()
+        if accelerators is not None:
+            self.configure(accelerators)
+
+    def configure(self, accelerators: Accelerators) -> None:
+        self._accelerators = accelerators
+        self.gpus.set_ids(accelerators.gpus.ids)
+        self.tpus.set_ids(accelerators.tpus.paths)
+        if not self._ready.happened:
+            self._ready.fire(None)
+
+    @property
+    def accelerators(self) -> Accelerators | None:
+        return self._accelerators
+
+    def ready(self) -> Deferred[None]:
+        """A new Deferred that fires once the devices are known."""
+        return self._ready.wait()
+
+    # -- at submit -------------------------------------------------------------
+
+    def check(self, request: DeviceRequest, spec: JobSpec) -> None:
+        """Fill ``spec``'s device fields from ``request``, or raise: InvalidJobRequest
+        for a malformed request, PreconditionFailed for one this worker can never
+        meet, WorkerUnavailable while its devices are not known yet."""
+        for what, text in (("variant", request.variant), ("topology", request.topology)):
+            if len(text) > _MAX_TEXT or not text.isprintable():
+                raise InvalidJobRequest(f"invalid resources.device {what} {text[:40]!r}")
+        if request.kind in ("", "cpu"):
+            return
+        if request.kind not in ("gpu", "tpu"):
+            raise InvalidJobRequest(f"unknown resources.device kind {request.kind[:20]!r}")
+        found = self._accelerators
+        if found is None:
+            raise WorkerUnavailable("the worker is still looking for its GPUs and TPUs; try again shortly")
+        if request.kind == "gpu":
+            if request.count < 0:
+                raise InvalidJobRequest(f"invalid resources.device.gpu.count {request.count}: must be >= 0")
+            count = request.count or 1  # a GPU request without a count asks for one
+            have = len(found.gpus.ids)
+            if have == 0:
+                raise PreconditionFailed("this worker has no GPU to hand out")
+            if count > have:
+                raise PreconditionFailed(f"{count} GPUs requested, this worker has {have}")
+            why = found.gpus.mismatch(request.variant)
+            if why:
+                raise PreconditionFailed(why)
+            spec.device_count = count
+        else:
+            if not found.tpus.devices:
+                patterns = ", ".join(found.tpus.patterns)
+                raise PreconditionFailed(one_line(f"this worker has no TPU (no device node matches {patterns})"))
+            why = found.tpus.mismatch(request.variant, request.topology)
+            if why:
+                raise PreconditionFailed(why)
+            spec.device_count = len(found.tpus.devices)
+        spec.device_kind = request.kind
+        spec.device_variant = request.variant
+        spec.device_topology = request.topology
+
+    # -- from arrival to the end -------------------------------------------------
+
+    def claim(self, spec: JobSpec) -> DeviceClaim:
+        """Take the job's place in line now (arrival order); a TPU job waits for
+        every TPU device node."""
+        if spec.device_kind == "gpu":
+            return DeviceClaim(self.gpus, spec.device_count)
+        if spec.device_kind == "tpu":
+            return DeviceClaim(self.tpus, len(self.tpus.ids))
+        return DeviceClaim(None, 0)
+
+    def waiting_message(self, spec: JobSpec) -> str:
+        if spec.device_kind == "gpu":
+            n = spec.device_count
+            return f"waiting for {n} GPU{'s' if n != 1 else ''}"
+        return "waiting for the TPU"
+
+    def hold(self, record: JobRecord) -> None:
+        """A job re-adopted after a restart keeps the devices its container has."""
+        allocator = self._allocator(record.spec)
+        if allocator is not None and record.devices:
+            allocator.hold(record.devices)
+
+    def release(self, record: JobRecord) -> None:
+        """Give back a re-adopted job's devices (``hold``'s counterpart)."""
+        allocator = self._allocator(record.spec)
+        if allocator is not None and record.devices:
+            allocator.release(record.devices)
+
+    def _allocator(self, spec: JobSpec) -> DeviceAllocator | None:
+        return {"gpu": self.gpus, "tpu": self.tpus}.get(spec.device_kind)
+
+    # -- the container -----------------------------------------------------------
+
+    def container_options(self, record: JobRecord) -> dict[str, Any]:
+        """ContainerSpec fields for the devices the job holds."""
+        kind, ids = record.spec.device_kind, tuple(record.devices)
+        if kind == "gpu" and ids:
+            return {"gpu_ids": ids, "shm_size_bytes": self.shm_size_bytes}
+        if kind == "tpu" and ids:
+            found = self._accelerators.tpus.devices if self._accelerators else ()
+            gids = sorted({d.gid for d in found if d.path in ids and d.gid != 0})
+            return {
+                "devices": ids,
+                "group_add": tuple(gids),
+                "shm_size_bytes": self.shm_size_bytes,
+                "memlock_unlimited": self.tpu_memlock_unlimited,
+            }
+        return {}
+
+    def environment(self, record: JobRecord, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with the job's device variables."""
+        env = dict(env)
+        kind, ids = record.spec.device_kind, ",".join(record.devices)
+        if kind == "gpu":
+            env["NVIDIA_VISIBLE_DEVICES"] = ids
+            env["FLUSTER_GPU_IDS"] = ids
+            env.setdefault("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")
+        else:
+            env["NVIDIA_VISIBLE_DEVICES"] = "void"
+            env.pop("FLUSTER_GPU_IDS", None)
+        if kind == "tpu":
+            tpu_env = self._accelerators.tpus.env if self._accelerators else {}
+            for name, value in tpu_env.items():
+                env.setdefault(name, value)
+            env["FLUSTER_TPU_DEVICES"] = ids
+        return env
+
+    # -- for the pages and metrics -----------------------------------------------
+
+    def usage(self) -> dict[str, dict[str, Any]]:
+        """Per kind: every device id and the ids in use."""
+        return {
+            allocator.kind.lower(): {
+                "ids": list(allocator.ids),
+                "in_use": sorted(allocator.held),
+                "waiting": allocator.waiting,
+            }
+            for allocator in (self.gpus, self.tpus)
+        }

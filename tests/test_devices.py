@@ -1,0 +1,468 @@
+"""GPUs and TPUs without Docker: the DeviceAllocator (no sharing, arrival order,
+re-hold after a restart, impossible requests), what the worker has (--gpus,
+--tpu-devices, the TPU variables), what a request must match, and what a job's
+container gets."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+
+from fluster_worker.accelerators import (
+    DEFAULT_TPU_DEVICE_GLOBS,
+    Accelerators,
+    GpuInventory,
+    GpuSelection,
+    TpuDevice,
+    TpuInventory,
+    discover,
+    find_tpu_devices,
+    parse_gpus,
+    parse_tpu_devices,
+    resolve_gpus,
+    tpu_environment,
+)
+from fluster_worker.containers.devices import DeviceAllocator, DevicesUnavailable
+from fluster_worker.containers.spec import ContainerSpec
+from fluster_worker.controller.advert import resource_spec, worker_metadata
+from fluster_worker.host import GIB, GpuInfo, MachineFacts, detect_gpu
+from fluster_worker.jobs import validation
+from fluster_worker.jobs.devices import DEFAULT_SHM_BYTES, JobDevices
+from fluster_worker.jobs.model import (
+    DeviceRequest,
+    InvalidJobRequest,
+    JobRecord,
+    JobRequest,
+    JobSpec,
+    PreconditionFailed,
+    WorkerUnavailable,
+)
+
+
+def result(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that has fired (failing the test if it has not)."""
+    out: list[Any] = []
+
+    def grab(value: Any) -> Any:
+        out.append(value)
+        return None if isinstance(value, Failure) else value
+
+    d.addBoth(grab)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def fired(d: Deferred[Any]) -> bool:
+    return bool(d.called)
+
+
+# -- the allocator -----------------------------------------------------------------------
+
+
+def test_hands_out_free_ids_in_inventory_order_and_never_shares() -> None:
+    gpus = DeviceAllocator("GPU", ["0", "1", "3"])
+    first = result(gpus.acquire(2))
+    second = gpus.acquire(2)
+    assert first == ("0", "1")
+    assert not fired(second)  # only "3" is free
+    assert gpus.held == {"0", "1"}
+    gpus.release(["1"])
+    assert result(second) == ("1", "3")
+    assert "0" not in result(second)  # still the first job's
+    assert gpus.held == {"0", "1", "3"} and gpus.free == ()
+
+
+def test_waiters_are_served_strictly_in_arrival_order() -> None:
+    gpus = DeviceAllocator("GPU", ["0", "1", "2", "3"])
+    running = result(gpus.acquire(3))
+    big = gpus.acquire(4)  # arrived first: needs all four
+    small = gpus.acquire(1)  # would fit now, but waits behind the big one
+    assert not fired(big) and not fired(small)
+    assert gpus.waiting == 2
+    gpus.release(running)
+    assert result(big) == ("0", "1", "2", "3")
+    assert not fired(small)
+    gpus.release(["2"])
+    assert result(small) == ("2",)
+    assert gpus.waiting == 0
+
+
+def test_many_jobs_one_device_each_in_order() -> None:
+    gpus = DeviceAllocator("GPU", ["0"])
+    order: list[int] = []
+    waits = [gpus.acquire(1).addCallback(lambda ids, i=i: order.append(i) or ids) for i in range(5)]
+    for d in waits:
+        ids = result(d)
+        assert ids == ("0",)
+        gpus.release(ids)
+    assert order == [0, 1, 2, 3, 4]
+
+
+def test_leaving_the_line_unblocks_those_behind() -> None:
+    gpus = DeviceAllocator("GPU", ["0", "1"])
+    result(gpus.acquire(1))
+    big = gpus.acquire(2)
+    small = gpus.acquire(1)
+    assert not fired(small)
+    big.cancel()
+    with pytest.raises(CancelledError):
+        result(big)
+    assert result(small) == ("1",)
+    assert gpus.waiting == 0
+
+
+def test_impossible_requests_fail_at_once_holding_nothing() -> None:
+    gpus = DeviceAllocator("GPU", ["0", "1"])
+    with pytest.raises(DevicesUnavailable, match="3 GPU devices requested, this worker has 2"):
+        result(gpus.acquire(3))
+    with pytest.raises(ValueError):
+        result(gpus.acquire(-1))
+    assert result(gpus.acquire(0)) == ()
+    assert gpus.held == frozenset() and gpus.waiting == 0
+    with pytest.raises(ValueError, match="repeat"):
+        DeviceAllocator("GPU", ["0", "0"])
+
+
+def test_re_hold_after_restart() -> None:
+    # A new worker process: the re-adopted job's container still has GPU 1.
+    gpus = DeviceAllocator("GPU", ["0", "1", "2"])
+    gpus.hold(["1"])
+    assert result(gpus.acquire(2)) == ("0", "2")
+    waiting = gpus.acquire(1)
+    assert not fired(waiting)
+    gpus.release(["1"])  # the re-adopted job ends
+    assert result(waiting) == ("1",)
+
+
+def test_hold_before_the_inventory_is_known() -> None:
+    # Re-adoption may run before discovery: the held id stays held.
+    gpus = DeviceAllocator("GPU")
+    gpus.hold(["1"])
+    gpus.set_ids(["0", "1"])
+    assert gpus.free == ("0",)
+    assert result(gpus.acquire(1)) == ("0",)
+
+
+def test_a_waiter_that_releases_in_its_callback_serves_the_next() -> None:
+    gpus = DeviceAllocator("GPU", ["0"])
+    held = result(gpus.acquire(1))
+    first = gpus.acquire(1)
+    second = gpus.acquire(1)
+    first.addCallback(lambda ids: gpus.release(ids))  # done at once
+    gpus.release(held)
+    assert result(second) == ("0",)
+
+
+# -- what the worker has ------------------------------------------------------------------
+
+
+def test_gpus_option() -> None:
+    assert parse_gpus(None) == GpuSelection("all")
+    assert parse_gpus(" ALL ") == GpuSelection("all")
+    assert parse_gpus("none") == GpuSelection("none")
+    assert parse_gpus("0,1, 3") == GpuSelection("ids", ("0", "1", "3"))
+    assert parse_gpus("GPU-8a2c1e5f-0000-1111-2222-333344445555").ids == ("GPU-8a2c1e5f-0000-1111-2222-333344445555",)
+    for bad in ("0,0", "x", "0;rm", "1,,2", "-1", "0:1"):
+        with pytest.raises(ValueError) as e:
+            parse_gpus(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_tpu_devices_option() -> None:
+    assert parse_tpu_devices(None) == DEFAULT_TPU_DEVICE_GLOBS == ("/dev/accel*", "/dev/vfio/*")
+    assert parse_tpu_devices("/dev/accel*, /tmp/x/*") == ("/dev/accel*", "/tmp/x/*")
+    for bad in ("accel*", "/dev/a:b", ",".join(["/dev/x"] * 17)):
+        with pytest.raises(ValueError):
+            parse_tpu_devices(bad)
+
+
+A100 = GpuInfo(count=4, name="NVIDIA A100-SXM4-80GB", memory_mb=81920, ids=("0", "1", "2", "3"))
+
+
+def test_gpus_resolved_against_detection() -> None:
+    assert resolve_gpus(GpuSelection("all"), A100) == GpuInventory(("0", "1", "2", "3"), A100.name, "A100", 81920)
+    assert resolve_gpus(GpuSelection("none"), A100) == GpuInventory()
+    assert resolve_gpus(GpuSelection("ids", ("0", "3")), A100).ids == ("0", "3")
+    assert resolve_gpus(GpuSelection("all"), None) == GpuInventory()
+    # Explicit ids without nvidia-smi: taken as given, model unknown.
+    assert resolve_gpus(GpuSelection("ids", ("1",)), None) == GpuInventory(("1",))
+
+
+def test_discover_runs_nvidia_smi_only_when_gpus_may_be_handed_out(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def detect() -> GpuInfo:
+        calls.append(1)
+        return A100
+
+    found = discover("none", (str(tmp_path / "*"),), detect=detect, environ={})
+    assert found == Accelerators(tpus=TpuInventory((), {}, (str(tmp_path / "*"),)))
+    assert calls == []
+    assert discover("0,2", (), detect=detect, environ={}).gpus.ids == ("0", "2")
+    assert calls == [1]
+
+
+def test_detect_gpu_reads_indexes(tmp_path: Path) -> None:
+    def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        out = "0, NVIDIA H100 80GB HBM3, 81559\n1, NVIDIA H100 80GB HBM3, 81559\n"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    gpu = detect_gpu(which=lambda name: "/usr/bin/nvidia-smi", run=run, dev_dir=tmp_path)
+    assert gpu is not None and gpu.device_ids == ("0", "1") and gpu.variant == "H100"
+
+
+def _char_device(path: Path, mode: int = 0o666, gid: int = 0) -> None:
+    null = os.stat("/dev/null")
+    try:
+        os.mknod(path, stat.S_IFCHR | mode, null.st_rdev)
+    except PermissionError:
+        pytest.skip("mknod needs CAP_MKNOD")
+    os.chown(path, 0, gid)
+
+
+def test_tpu_device_nodes_are_the_character_devices_matched(tmp_path: Path) -> None:
+    _char_device(tmp_path / "accel1")
+    _char_device(tmp_path / "accel0", 0o660, gid=4242)
+    (tmp_path / "accel-not-a-device").write_text("x")
+    (tmp_path / "vfio").mkdir()
+    _char_device(tmp_path / "vfio" / "0")
+    os.symlink(tmp_path / "accel1", tmp_path / "accel9")
+    found = find_tpu_devices((str(tmp_path / "accel*"), str(tmp_path / "vfio" / "*"), str(tmp_path / "accel0")))
+    assert found == (
+        TpuDevice(str(tmp_path / "accel0"), 4242),
+        TpuDevice(str(tmp_path / "accel1"), 0),
+        TpuDevice(str(tmp_path / "accel9"), 0),
+        TpuDevice(str(tmp_path / "vfio" / "0"), 0),
+    )
+    assert find_tpu_devices((str(tmp_path / "nothing*"),)) == ()
+
+
+def test_tpu_variables_taken_from_the_environment() -> None:
+    environ = {
+        "TPU_NAME": "my-tpu",
+        "TPU_WORKER_ID": "1",
+        "TPU_WORKER_HOSTNAMES": "h0,h1",
+        "TPU_ACCELERATOR_TYPE": "v5litepod-16",
+        "TPU_BAD": "x",
+        "HOME": "/root",
+        "TPU_HOST_BOUNDS": "y" * 5000,
+    }
+    assert tpu_environment(environ) == {
+        "TPU_NAME": "my-tpu",
+        "TPU_WORKER_ID": "1",
+        "TPU_WORKER_HOSTNAMES": "h0,h1",
+        "TPU_ACCELERATOR_TYPE": "v5litepod-16",
+    }
+
+
+# -- what a request must match ---------------------------------------------------------
+
+
+def test_gpu_variant_matching() -> None:
+    a100 = resolve_gpus(GpuSelection("all"), A100)
+    for wanted in ("", "auto", "AUTO", "A100", "a100", "A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB"):
+        assert a100.mismatch(wanted) is None, wanted
+    assert a100.mismatch("H100") == "this worker's GPUs are A100, not H100"
+    assert a100.mismatch("A10") is not None and a100.mismatch("100") is not None
+    assert a100.mismatch("A100 80GB") is not None  # not words next to each other in the name
+    rtx = GpuInventory(("0",), "NVIDIA GeForce RTX 4090", "auto")
+    assert rtx.mismatch("RTX 4090") is None and rtx.mismatch("4090") is None
+    assert rtx.mismatch("A100") == "this worker's GPUs are NVIDIA GeForce RTX 4090, not A100"
+    # The model is unknown (explicit ids, no nvidia-smi): nothing to refuse on.
+    assert GpuInventory(("0",)).mismatch("H100") is None
+
+
+def test_tpu_type_and_topology_matching() -> None:
+    tpu = TpuInventory((TpuDevice("/dev/accel0", 0),), {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_TOPOLOGY": "2x4"})
+    assert tpu.mismatch("", "") is None and tpu.mismatch("auto", "2x4") is None
+    assert tpu.mismatch("V5LITEPOD-8", "") is None
+    assert tpu.mismatch("v4-8", "") == "this worker's TPU is v5litepod-8, not v4-8"
+    assert tpu.mismatch("", "4x4") == "this worker's TPU topology is 2x4, not 4x4"
+    assert TpuInventory((TpuDevice("/dev/accel0", 0),)).mismatch("v4-8", "2x2x1") is None
+
+
+GPU_WORKER = Accelerators(gpus=GpuInventory(("0", "1", "3"), "NVIDIA A100-SXM4-80GB", "A100", 81920))
+TPU_WORKER = Accelerators(
+    tpus=TpuInventory(
+        (TpuDevice("/dev/accel0", 0), TpuDevice("/dev/accel1", 4242)),
+        {"TPU_ACCELERATOR_TYPE": "v4-8", "TPU_WORKER_ID": "0", "TPU_NAME": "t1"},
+    )
+)
+
+
+def checked(devices: JobDevices, request: DeviceRequest) -> JobSpec:
+    spec = JobSpec()
+    devices.check(request, spec)
+    return spec
+
+
+def refusal(devices: JobDevices | None, device: DeviceRequest) -> str:
+    request = JobRequest(entrypoint=b"x", device=device)
+    with pytest.raises(PreconditionFailed) as e:
+        validation.job_spec(request, 8, devices)
+    assert "\n" not in e.value.message
+    return e.value.message
+
+
+def test_impossible_requests_are_refused_at_submit_with_one_line() -> None:
+    gpus, tpus = JobDevices(GPU_WORKER), JobDevices(TPU_WORKER)
+    assert refusal(None, DeviceRequest("gpu", "H100", 1)) == "this worker has no GPU to hand out"
+    assert refusal(tpus, DeviceRequest("gpu", "", 1)) == "this worker has no GPU to hand out"
+    assert refusal(gpus, DeviceRequest("gpu", "auto", 4)) == "4 GPUs requested, this worker has 3"
+    assert refusal(gpus, DeviceRequest("gpu", "H100", 1)) == "this worker's GPUs are A100, not H100"
+    assert refusal(gpus, DeviceRequest("tpu", "v4-8")).startswith("this worker has no TPU (no device node matches")
+    assert refusal(tpus, DeviceRequest("tpu", "v5p-8")) == "this worker's TPU is v4-8, not v5p-8"
+    with pytest.raises(InvalidJobRequest):
+        validation.job_spec(JobRequest(entrypoint=b"x", device=DeviceRequest("gpu", "", -1)), 8, gpus)
+    with pytest.raises(InvalidJobRequest):
+        validation.job_spec(JobRequest(entrypoint=b"x", device=DeviceRequest("gpu", "A\n100", 1)), 8, gpus)
+    with pytest.raises(InvalidJobRequest):
+        validation.job_spec(JobRequest(entrypoint=b"x", device=DeviceRequest("fpga")), 8, gpus)
+
+
+def test_possible_requests_fill_the_spec() -> None:
+    gpus, tpus = JobDevices(GPU_WORKER), JobDevices(TPU_WORKER)
+    spec = validation.job_spec(JobRequest(entrypoint=b"x", device=DeviceRequest("gpu", "a100", 2)), 8, gpus)
+    assert (spec.device_kind, spec.device_count, spec.device_variant) == ("gpu", 2, "a100")
+    assert checked(gpus, DeviceRequest("gpu", "")).device_count == 1  # no count: one GPU
+    assert checked(gpus, DeviceRequest("cpu", "x86")).device_kind == ""
+    tpu = checked(tpus, DeviceRequest("tpu", "v4-8", 0, "2x2x1"))
+    assert (tpu.device_kind, tpu.device_count, tpu.device_topology) == ("tpu", 2, "2x2x1")
+
+
+def test_requests_wait_for_discovery() -> None:
+    devices = JobDevices(None)
+    ready = devices.ready()
+    assert not fired(ready)
+    with pytest.raises(WorkerUnavailable):
+        checked(devices, DeviceRequest("gpu", "", 1))
+    assert checked(devices, DeviceRequest()).device_kind == ""  # CPU jobs never wait for it
+    devices.configure(GPU_WORKER)
+    assert fired(ready)
+    assert checked(devices, DeviceRequest("gpu", "", 1)).device_count == 1
+
+
+# -- a job's claim and its container ------------------------------------------------------
+
+
+def record(spec: JobSpec, job_id: str = "j1", devices: list[str] | None = None) -> JobRecord:
+    return JobRecord(job_id, 0, "w1", spec, 0, devices=list(devices or []))
+
+
+def test_claims_are_taken_in_arrival_order_and_given_back() -> None:
+    devices = JobDevices(GPU_WORKER)
+    two = checked(devices, DeviceRequest("gpu", "", 2))
+    a, b, c = devices.claim(two), devices.claim(two), devices.claim(checked(devices, DeviceRequest("gpu", "", 1)))
+    assert a.granted and not b.granted and not c.granted
+    assert devices.waiting_message(two) == "waiting for 2 GPUs"
+    assert result(a.wait()) == ("0", "1")
+    a.give_back()
+    assert result(b.wait()) == ("0", "1")
+    assert result(c.wait()) == ("3",)
+    b.give_back()
+    c.give_back()
+    assert devices.gpus.held == frozenset()
+    cpu = devices.claim(JobSpec())
+    assert cpu.granted and result(cpu.wait()) == ()
+
+
+def test_a_claim_given_back_before_it_is_granted_leaves_the_line() -> None:
+    devices = JobDevices(TPU_WORKER)
+    tpu = checked(devices, DeviceRequest("tpu"))
+    first, second, third = devices.claim(tpu), devices.claim(tpu), devices.claim(tpu)
+    assert devices.waiting_message(tpu) == "waiting for the TPU"
+    assert first.ids == ("/dev/accel0", "/dev/accel1")  # every node: one TPU job at a time
+    second.give_back()  # killed while waiting
+    assert devices.tpus.waiting == 1
+    first.give_back()
+    assert third.granted
+
+
+def test_re_adopted_jobs_hold_their_devices_again() -> None:
+    devices = JobDevices(GPU_WORKER)
+    adopted = record(checked(devices, DeviceRequest("gpu", "", 1)), devices=["1"])
+    devices.hold(adopted)
+    assert result(devices.claim(checked(devices, DeviceRequest("gpu", "", 2))).wait()) == ("0", "3")
+    devices.release(adopted)
+    assert devices.gpus.held == {"0", "3"}
+
+
+def test_gpu_job_container_gets_exactly_its_gpus() -> None:
+    devices = JobDevices(GPU_WORKER)
+    rec = record(checked(devices, DeviceRequest("gpu", "", 2)), devices=["1", "3"])
+    env = devices.environment(rec, {"NVIDIA_VISIBLE_DEVICES": "all", "FLUSTER_JOB_ID": "j1"})
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "1,3" and env["FLUSTER_GPU_IDS"] == "1,3"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility" and env["FLUSTER_JOB_ID"] == "j1"
+    options = devices.container_options(rec)
+    assert options == {"gpu_ids": ("1", "3"), "shm_size_bytes": DEFAULT_SHM_BYTES}
+    ContainerSpec(name="ab", image="i", command=[], env=env, **options)  # valid
+
+
+def test_other_jobs_never_see_a_gpu() -> None:
+    devices = JobDevices(GPU_WORKER)
+    env = devices.environment(record(JobSpec()), {"NVIDIA_VISIBLE_DEVICES": "all", "FLUSTER_GPU_IDS": "0"})
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and "FLUSTER_GPU_IDS" not in env
+    assert devices.container_options(record(JobSpec())) == {}
+
+
+def test_tpu_job_container_gets_every_node_the_variables_and_groups() -> None:
+    devices = JobDevices(TPU_WORKER, shm_size_bytes=GIB)
+    rec = record(checked(devices, DeviceRequest("tpu")), devices=["/dev/accel0", "/dev/accel1"])
+    env = devices.environment(rec, {"TPU_WORKER_ID": "mine"})
+    assert env["TPU_WORKER_ID"] == "mine"  # the job's own env_vars win
+    assert env["TPU_ACCELERATOR_TYPE"] == "v4-8" and env["TPU_NAME"] == "t1"
+    assert env["FLUSTER_TPU_DEVICES"] == "/dev/accel0,/dev/accel1"
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert devices.container_options(rec) == {
+        "devices": ("/dev/accel0", "/dev/accel1"),
+        "group_add": (4242,),
+        "shm_size_bytes": GIB,
+        "memlock_unlimited": True,
+    }
+    assert JobDevices(TPU_WORKER, tpu_memlock_unlimited=False).container_options(rec)["memlock_unlimited"] is False
+
+
+def test_container_spec_refuses_bad_device_fields() -> None:
+    for bad in ({"devices": ("dev/accel0",)}, {"devices": ("/dev/a:/etc",)}, {"gpu_ids": ("0,1",)},
+                {"gpu_ids": ("",)}, {"group_add": (-1,)}, {"shm_size_bytes": 0}):
+        with pytest.raises(ValueError):
+            ContainerSpec(name="ab", image="i", command=[], **bad)  # type: ignore[arg-type]
+
+
+def test_usage_for_pages_and_metrics() -> None:
+    devices = JobDevices(GPU_WORKER)
+    devices.claim(checked(devices, DeviceRequest("gpu", "", 2)))
+    devices.claim(checked(devices, DeviceRequest("gpu", "", 2)))
+    assert devices.usage() == {
+        "gpu": {"ids": ["0", "1", "3"], "in_use": ["0", "1"], "waiting": 1},
+        "tpu": {"ids": [], "in_use": [], "waiting": 0},
+    }
+
+
+# -- what the controller is told ---------------------------------------------------------
+
+
+FACTS = MachineFacts("box", "10.1.2.3", 8, 64 * GIB, A100)
+
+
+def test_advertised_device_is_what_can_be_handed_out() -> None:
+    spec = resource_spec(FACTS, accelerators=GPU_WORKER)
+    assert (spec.device.gpu.variant, spec.device.gpu.count) == ("A100", 3)  # not the 4 detected
+    meta = worker_metadata(FACTS, GPU_WORKER)
+    assert (meta.gpu_count, meta.gpu_name, meta.gpu_memory_mb) == (3, "NVIDIA A100-SXM4-80GB", 81920)
+    none = resource_spec(FACTS, accelerators=Accelerators())  # --gpus none
+    assert not none.HasField("device")
+    assert worker_metadata(FACTS, Accelerators()).gpu_count == 0
+    tpu = resource_spec(FACTS, accelerators=TPU_WORKER)
+    assert tpu.device.WhichOneof("device") == "tpu" and tpu.device.tpu.variant == "v4-8"
+    meta = worker_metadata(FACTS, TPU_WORKER)
+    assert (meta.tpu_name, meta.tpu_worker_id) == ("t1", "0")
