@@ -424,7 +424,7 @@ def test_api_jobs(client: Client) -> None:
     running = jobs[1]
     assert set(running) == {
         "job_id", "attempt_id", "state", "terminal", "status_message", "exit_code", "error", "submitted_at_ms",
-        "started_at_ms", "finished_at_ms", "duration_ms", "ports", "usage",
+        "started_at_ms", "finished_at_ms", "duration_ms", "ports", "devices", "usage",
     }
     assert running["state"] == "RUNNING" and running["terminal"] is False
     assert running["ports"] == {"http": 30001}

@@ -1,7 +1,7 @@
-"""GPUs and TPUs without Docker: the DeviceAllocator (no sharing, arrival order,
-re-hold after a restart, impossible requests), what the worker has (--gpus,
---tpu-devices, the TPU variables), what a request must match, and what a job's
-container gets."""
+"""GPUs and TPUs without Docker: the DeviceAllocator and the line jobs wait in for
+a slot and their devices (no sharing, arrival order, re-hold after a restart,
+impossible requests), what the worker has (--gpus, --tpu-devices, the TPU
+variables), what a request must match, and what a job's container gets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.python.failure import Failure
 
 from fluster_worker.accelerators import (
@@ -34,6 +34,7 @@ from fluster_worker.containers.spec import ContainerSpec
 from fluster_worker.controller.advert import resource_spec, worker_metadata
 from fluster_worker.host import GIB, GpuInfo, MachineFacts, detect_gpu
 from fluster_worker.jobs import validation
+from fluster_worker.jobs.admission import Admission, Ticket
 from fluster_worker.jobs.devices import DEFAULT_SHM_BYTES, JobDevices
 from fluster_worker.jobs.model import (
     DeviceRequest,
@@ -70,64 +71,24 @@ def fired(d: Deferred[Any]) -> bool:
 
 def test_hands_out_free_ids_in_inventory_order_and_never_shares() -> None:
     gpus = DeviceAllocator("GPU", ["0", "1", "3"])
-    first = result(gpus.acquire(2))
-    second = gpus.acquire(2)
+    first = gpus.take(2)
     assert first == ("0", "1")
-    assert not fired(second)  # only "3" is free
+    assert gpus.take(2) is None  # only "3" is free: nothing taken
     assert gpus.held == {"0", "1"}
     gpus.release(["1"])
-    assert result(second) == ("1", "3")
-    assert "0" not in result(second)  # still the first job's
+    second = gpus.take(2)
+    assert second == ("1", "3") and "0" not in second  # "0" is still the first job's
     assert gpus.held == {"0", "1", "3"} and gpus.free == ()
-
-
-def test_waiters_are_served_strictly_in_arrival_order() -> None:
-    gpus = DeviceAllocator("GPU", ["0", "1", "2", "3"])
-    running = result(gpus.acquire(3))
-    big = gpus.acquire(4)  # arrived first: needs all four
-    small = gpus.acquire(1)  # would fit now, but waits behind the big one
-    assert not fired(big) and not fired(small)
-    assert gpus.waiting == 2
-    gpus.release(running)
-    assert result(big) == ("0", "1", "2", "3")
-    assert not fired(small)
-    gpus.release(["2"])
-    assert result(small) == ("2",)
-    assert gpus.waiting == 0
-
-
-def test_many_jobs_one_device_each_in_order() -> None:
-    gpus = DeviceAllocator("GPU", ["0"])
-    order: list[int] = []
-    waits = [gpus.acquire(1).addCallback(lambda ids, i=i: order.append(i) or ids) for i in range(5)]
-    for d in waits:
-        ids = result(d)
-        assert ids == ("0",)
-        gpus.release(ids)
-    assert order == [0, 1, 2, 3, 4]
-
-
-def test_leaving_the_line_unblocks_those_behind() -> None:
-    gpus = DeviceAllocator("GPU", ["0", "1"])
-    result(gpus.acquire(1))
-    big = gpus.acquire(2)
-    small = gpus.acquire(1)
-    assert not fired(small)
-    big.cancel()
-    with pytest.raises(CancelledError):
-        result(big)
-    assert result(small) == ("1",)
-    assert gpus.waiting == 0
 
 
 def test_impossible_requests_fail_at_once_holding_nothing() -> None:
     gpus = DeviceAllocator("GPU", ["0", "1"])
     with pytest.raises(DevicesUnavailable, match="3 GPU devices requested, this worker has 2"):
-        result(gpus.acquire(3))
-    with pytest.raises(ValueError):
-        result(gpus.acquire(-1))
-    assert result(gpus.acquire(0)) == ()
-    assert gpus.held == frozenset() and gpus.waiting == 0
+        gpus.take(3)
+    with pytest.raises(DevicesUnavailable):
+        gpus.take(-1)
+    assert gpus.take(0) == ()
+    assert gpus.held == frozenset()
     with pytest.raises(ValueError, match="repeat"):
         DeviceAllocator("GPU", ["0", "0"])
 
@@ -136,11 +97,10 @@ def test_re_hold_after_restart() -> None:
     # A new worker process: the re-adopted job's container still has GPU 1.
     gpus = DeviceAllocator("GPU", ["0", "1", "2"])
     gpus.hold(["1"])
-    assert result(gpus.acquire(2)) == ("0", "2")
-    waiting = gpus.acquire(1)
-    assert not fired(waiting)
+    assert gpus.take(2) == ("0", "2")
+    assert gpus.take(1) is None
     gpus.release(["1"])  # the re-adopted job ends
-    assert result(waiting) == ("1",)
+    assert gpus.take(1) == ("1",)
 
 
 def test_hold_before_the_inventory_is_known() -> None:
@@ -149,17 +109,134 @@ def test_hold_before_the_inventory_is_known() -> None:
     gpus.hold(["1"])
     gpus.set_ids(["0", "1"])
     assert gpus.free == ("0",)
-    assert result(gpus.acquire(1)) == ("0",)
 
 
-def test_a_waiter_that_releases_in_its_callback_serves_the_next() -> None:
-    gpus = DeviceAllocator("GPU", ["0"])
-    held = result(gpus.acquire(1))
-    first = gpus.acquire(1)
-    second = gpus.acquire(1)
-    first.addCallback(lambda ids: gpus.release(ids))  # done at once
-    gpus.release(held)
-    assert result(second) == ("0",)
+# -- the line: a slot and devices, in arrival order ------------------------------------------
+
+
+class Line:
+    """An Admission over ``slots`` slots and the GPU_WORKER's / TPU_WORKER's devices."""
+
+    def __init__(self, slots: int, accelerators: Accelerators | None = None) -> None:
+        self.devices = JobDevices(accelerators or Accelerators(GPU_WORKER.gpus, TPU_WORKER.tpus))
+        self.slots = DeferredSemaphore(slots)
+        self.admission = Admission(self.slots, self.devices)
+        self.started: list[str] = []
+        self.tickets: dict[str, Ticket] = {}
+
+    def enter(self, name: str, kind: str = "", count: int = 0) -> Ticket:
+        spec = JobSpec()
+        if kind:
+            self.devices.check(DeviceRequest(kind, "", count), spec)
+        ticket = self.admission.enter(spec)
+        ticket.wait().addCallback(lambda ids: self.started.append(name) or ids)
+        self.tickets[name] = ticket
+        return ticket
+
+
+def test_gpu_jobs_start_strictly_in_arrival_order() -> None:
+    line = Line(slots=8)
+    running = line.enter("running", "gpu", 2)
+    big = line.enter("big", "gpu", 3)  # needs all three: waits
+    small = line.enter("small", "gpu", 1)  # would fit now, but waits behind the big one
+    assert line.started == ["running"] and running.ids == ("0", "1")
+    assert not big.admitted and not small.admitted
+    assert line.devices.usage()["gpu"]["waiting"] == 2
+    running.leave()
+    assert line.started == ["running", "big"] and big.ids == ("0", "1", "3")
+    big.leave()
+    assert small.ids == ("0",)
+    assert line.slots.tokens == 7
+
+
+def test_a_job_waiting_for_gpus_holds_no_slot_and_lets_cpu_jobs_pass() -> None:
+    line = Line(slots=2)
+    line.enter("g1", "gpu", 3)
+    line.enter("g2", "gpu", 1)  # no GPU free: waits without a slot
+    line.enter("cpu1")
+    line.enter("cpu2")  # no slot free
+    assert line.started == ["g1", "cpu1"]
+    line.tickets["cpu1"].leave()
+    assert line.started == ["g1", "cpu1", "cpu2"]
+
+
+def test_a_freed_slot_goes_to_the_earliest_job_that_can_run() -> None:
+    line = Line(slots=2)
+    line.enter("g1", "gpu", 3)
+    line.enter("cpu1")
+    line.enter("g2", "gpu", 2)  # waits for GPUs, then for a slot
+    line.enter("cpu2")  # waits for a slot
+    assert line.started == ["g1", "cpu1"]
+    line.tickets["g1"].leave()  # GPUs and a slot free: g2 arrived before cpu2
+    assert line.started == ["g1", "cpu1", "g2"]
+    assert not line.tickets["cpu2"].admitted
+    line.tickets["cpu1"].leave()
+    assert line.started[-1] == "cpu2"
+
+
+def test_gpu_and_tpu_lines_are_independent_and_tpu_jobs_run_one_at_a_time() -> None:
+    line = Line(slots=8)
+    line.enter("t1", "tpu")
+    line.enter("g1", "gpu", 3)
+    line.enter("t2", "tpu")
+    line.enter("g2", "gpu", 1)
+    assert line.started == ["t1", "g1"]
+    assert line.tickets["t1"].ids == ("/dev/accel0", "/dev/accel1")  # every node
+    line.tickets["t1"].leave()
+    assert line.started == ["t1", "g1", "t2"]
+    line.tickets["g1"].leave()
+    assert line.started[-1] == "g2"
+
+
+def test_leaving_the_line_unblocks_those_behind() -> None:
+    line = Line(slots=8)
+    line.enter("g1", "gpu", 1)
+    big = line.enter("big", "gpu", 3)
+    line.enter("small", "gpu", 1)
+    assert line.started == ["g1"]
+    big.wait().cancel()  # killed while waiting: the execution cancels its wait...
+    big.leave()  # ...then leaves
+    assert big.wait().called and not big.admitted
+    assert line.started == ["g1", "small"]
+    assert line.admission.waiting == 0
+
+
+def test_a_job_that_ends_at_once_serves_the_next() -> None:
+    line = Line(slots=1)
+    first = line.enter("first", "gpu", 3)
+    second = line.enter("second", "gpu", 3)
+    second.wait().addCallback(lambda ids: second.leave())  # done as soon as it starts
+    third = line.enter("third", "gpu", 3)
+    first.leave()
+    assert line.started == ["first", "second", "third"]
+    assert third.ids == ("0", "1", "3") and line.slots.tokens == 0
+
+
+def test_a_re_adopted_job_holds_its_slot_and_devices_at_once() -> None:
+    line = Line(slots=1)
+    spec = JobSpec(device_kind="gpu", device_count=2)
+    adopted = line.admission.adopt(spec, ["1", "3"])
+    assert adopted.admitted and adopted.ids == ("1", "3") and line.slots.tokens == 0
+    waiting = line.enter("new", "gpu", 1)
+    assert not waiting.admitted
+    over = line.admission.adopt(JobSpec(), [])  # more adopted jobs than slots: runs anyway
+    assert over.admitted and not over.has_slot
+    over.leave()
+    assert line.slots.tokens == 0 and not waiting.admitted
+    adopted.leave()
+    assert waiting.ids == ("0",)
+    assert line.devices.gpus.held == {"0"}
+
+
+def test_re_adopted_jobs_hold_their_devices_again() -> None:
+    line = Line(slots=8)
+    adopted = JobRecord("old", 0, "w1", JobSpec(device_kind="gpu", device_count=1), 0, devices=["1"])
+    line.devices.hold(adopted)
+    assert line.enter("new", "gpu", 2).ids == ("0", "3")
+    waiting = line.enter("next", "gpu", 1)
+    assert not waiting.admitted
+    line.devices.release(adopted)  # the re-adopted job ends
+    assert waiting.ids == ("1",)
 
 
 # -- what the worker has ------------------------------------------------------------------
@@ -358,42 +435,11 @@ def record(spec: JobSpec, job_id: str = "j1", devices: list[str] | None = None) 
     return JobRecord(job_id, 0, "w1", spec, 0, devices=list(devices or []))
 
 
-def test_claims_are_taken_in_arrival_order_and_given_back() -> None:
+def test_waiting_messages() -> None:
     devices = JobDevices(GPU_WORKER)
-    two = checked(devices, DeviceRequest("gpu", "", 2))
-    a, b, c = devices.claim(two), devices.claim(two), devices.claim(checked(devices, DeviceRequest("gpu", "", 1)))
-    assert a.granted and not b.granted and not c.granted
-    assert devices.waiting_message(two) == "waiting for 2 GPUs"
-    assert result(a.wait()) == ("0", "1")
-    a.give_back()
-    assert result(b.wait()) == ("0", "1")
-    assert result(c.wait()) == ("3",)
-    b.give_back()
-    c.give_back()
-    assert devices.gpus.held == frozenset()
-    cpu = devices.claim(JobSpec())
-    assert cpu.granted and result(cpu.wait()) == ()
-
-
-def test_a_claim_given_back_before_it_is_granted_leaves_the_line() -> None:
-    devices = JobDevices(TPU_WORKER)
-    tpu = checked(devices, DeviceRequest("tpu"))
-    first, second, third = devices.claim(tpu), devices.claim(tpu), devices.claim(tpu)
-    assert devices.waiting_message(tpu) == "waiting for the TPU"
-    assert first.ids == ("/dev/accel0", "/dev/accel1")  # every node: one TPU job at a time
-    second.give_back()  # killed while waiting
-    assert devices.tpus.waiting == 1
-    first.give_back()
-    assert third.granted
-
-
-def test_re_adopted_jobs_hold_their_devices_again() -> None:
-    devices = JobDevices(GPU_WORKER)
-    adopted = record(checked(devices, DeviceRequest("gpu", "", 1)), devices=["1"])
-    devices.hold(adopted)
-    assert result(devices.claim(checked(devices, DeviceRequest("gpu", "", 2))).wait()) == ("0", "3")
-    devices.release(adopted)
-    assert devices.gpus.held == {"0", "3"}
+    assert devices.waiting_message(checked(devices, DeviceRequest("gpu", "", 2))) == "waiting for 2 GPUs"
+    assert devices.waiting_message(checked(devices, DeviceRequest("gpu", "", 1))) == "waiting for 1 GPU"
+    assert devices.waiting_message(JobSpec(device_kind="tpu")) == "waiting for the TPU"
 
 
 def test_gpu_job_container_gets_exactly_its_gpus() -> None:
@@ -439,10 +485,10 @@ def test_container_spec_refuses_bad_device_fields() -> None:
 
 
 def test_usage_for_pages_and_metrics() -> None:
-    devices = JobDevices(GPU_WORKER)
-    devices.claim(checked(devices, DeviceRequest("gpu", "", 2)))
-    devices.claim(checked(devices, DeviceRequest("gpu", "", 2)))
-    assert devices.usage() == {
+    line = Line(slots=4, accelerators=GPU_WORKER)
+    line.enter("a", "gpu", 2)
+    line.enter("b", "gpu", 2)
+    assert line.devices.usage() == {
         "gpu": {"ids": ["0", "1", "3"], "in_use": ["0", "1"], "waiting": 1},
         "tpu": {"ids": [], "in_use": [], "waiting": 0},
     }
@@ -466,3 +512,35 @@ def test_advertised_device_is_what_can_be_handed_out() -> None:
     assert tpu.device.WhichOneof("device") == "tpu" and tpu.device.tpu.variant == "v4-8"
     meta = worker_metadata(FACTS, TPU_WORKER)
     assert (meta.tpu_name, meta.tpu_worker_id) == ("t1", "0")
+
+
+# -- the options ---------------------------------------------------------------------------
+
+
+def test_device_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.python import usage
+
+    from fluster_worker.main import Options
+
+    for key in list(os.environ):
+        if key.startswith("FLUSTER_WORKER_"):
+            monkeypatch.delenv(key)
+
+    def parse(*argv: str) -> Any:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options.config
+
+    defaults = parse()
+    assert defaults.gpus == "all" and defaults.tpu_devices == ("/dev/accel*", "/dev/vfio/*")
+    assert defaults.accelerator_shm_bytes == 16 * GIB and defaults.tpu_memlock_unlimited
+    monkeypatch.setenv("FLUSTER_WORKER_GPUS", "none")
+    config = parse("--tpu-devices", "/tmp/t/accel*", "--accelerator-shm-size", "2g", "--tpu-memlock", "engine")
+    assert config.gpus == "none" and config.tpu_devices == ("/tmp/t/accel*",)
+    assert config.accelerator_shm_bytes == 2 * GIB and not config.tpu_memlock_unlimited
+    assert parse("--gpus", "0,1,3").gpus == "0,1,3"
+    for argv in (("--gpus", "0,x"), ("--tpu-devices", "dev/accel*"), ("--accelerator-shm-size", "lots"),
+                 ("--tpu-memlock", "maybe")):
+        with pytest.raises(usage.UsageError) as e:
+            parse(*argv)
+        assert argv[0] in str(e.value) and "\n" not in str(e.value)

@@ -439,16 +439,18 @@ def _device_start_error(failure: Failure) -> Failure:
     error = failure.value
     if not isinstance(error, ContainerError):
         return failure
-    cause = str(error).split(": ", 1)[-1]
-    if _NO_DEVICE_DRIVER in str(error):
+    text = str(error)
+    if _NO_DEVICE_DRIVER in text:
+        cause = one_line(text[text.index(_NO_DEVICE_DRIVER) :], 200)
         raise ContainerError(
             "container start failed: the Docker engine has no GPU runtime "
-            f"(install the NVIDIA Container Toolkit): {one_line(cause, 200)}"
+            f"(install the NVIDIA Container Toolkit): {cause}"
         ) from error
-    if _RLIMIT_MEMLOCK in str(error):
+    if _RLIMIT_MEMLOCK in text:
+        cause = one_line(text[text.index(_RLIMIT_MEMLOCK) :], 200)
         raise ContainerError(
             "container start failed: the Docker engine may not raise the locked-memory limit "
-            f"(RLIMIT_MEMLOCK; it lacks CAP_SYS_RESOURCE): {one_line(cause, 200)}"
+            f"(RLIMIT_MEMLOCK; it lacks CAP_SYS_RESOURCE): {cause}"
         ) from error
     return failure
 

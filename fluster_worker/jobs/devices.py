@@ -1,7 +1,8 @@
 """GPUs and TPUs for the jobs that ask for them: whether a request can ever be met
-on this worker (checked at submit: PreconditionFailed with one line), a place in
-line for the devices taken at arrival beside the job's slot (``claim``), and what
-the job's container gets for them.
+on this worker (checked at submit: PreconditionFailed with one line), what a job
+waits for (``needs``), and what the job's container gets for them.
+
+The line jobs wait in for them (with their slot) is ``admission``.
 
 - A GPU job gets ``count`` GPU ids of its own (an nvidia device request for exactly
   those), ``NVIDIA_VISIBLE_DEVICES`` and ``FLUSTER_GPU_IDS`` naming them. Every
@@ -14,10 +15,9 @@ the job's container gets for them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 
 from fluster_worker.accelerators import Accelerators
 from fluster_worker.common.text import one_line
@@ -32,53 +32,16 @@ from fluster_worker.jobs.model import (
     WorkerUnavailable,
 )
 
-__all__ = ["DEFAULT_SHM_BYTES", "DeviceClaim", "JobDevices"]
+if TYPE_CHECKING:
+    from fluster_worker.jobs.admission import Admission
+
+__all__ = ["DEFAULT_SHM_BYTES", "JobDevices"]
 
 # /dev/shm of GPU and TPU jobs: JAX, PyTorch data loaders and NCCL outgrow the
 # engine's 64 MiB. Pages in it count toward the job's memory limit.
 DEFAULT_SHM_BYTES = 16 * 2**30
 _MAX_TEXT = 100
 _NONE = Accelerators()
-
-
-class DeviceClaim:
-    """One job's place in line for its devices, taken when it arrives. ``wait()``
-    fires with the ids once granted (await it once); ``give_back()`` releases them,
-    or leaves the line when they were never granted."""
-
-    def __init__(self, allocator: DeviceAllocator | None, count: int) -> None:
-        self._allocator = allocator
-        self.ids: tuple[str, ...] | None = None
-        if allocator is None or count == 0:
-            self.ids = ()
-            self._wait: Deferred[tuple[str, ...]] = succeed(())
-        else:
-            self._wait = allocator.acquire(count).addCallback(self._granted)
-
-    def _granted(self, ids: tuple[str, ...]) -> tuple[str, ...]:
-        self.ids = ids
-        return ids
-
-    @property
-    def granted(self) -> bool:
-        return self.ids is not None
-
-    def wait(self) -> Deferred[tuple[str, ...]]:
-        return self._wait
-
-    def give_back(self) -> None:
-        if self.ids:
-            assert self._allocator is not None
-            self._allocator.release(self.ids)
-            self.ids = ()
-        elif self.ids is None:
-            self._wait.addErrback(_ignore_cancel)
-            self._wait.cancel()
-
-
-def _ignore_cancel(failure: Failure) -> None:
-    """The job left the line (or the line failed it): nothing more to say."""
-    failure.trap(CancelledError, Exception)
 
 
 class JobDevices:
@@ -100,6 +63,7 @@ class JobDevices:
         self.tpu_memlock_unlimited = tpu_memlock_unlimited
         self._accelerators: Accelerators | None = None
         self._ready: Once[None] = Once()
+        self.line: Admission | None = None  # the line jobs wait in (it registers here)
         if accelerators is not None:
             self.configure(accelerators)
 
@@ -161,14 +125,14 @@ class JobDevices:
 
     # -- from arrival to the end -------------------------------------------------
 
-    def claim(self, spec: JobSpec) -> DeviceClaim:
-        """Take the job's place in line now (arrival order); a TPU job waits for
-        every TPU device node."""
+    def needs(self, spec: JobSpec) -> tuple[DeviceAllocator | None, int]:
+        """Which devices a job with ``spec`` waits for, and how many: a TPU job
+        waits for every TPU device node."""
         if spec.device_kind == "gpu":
-            return DeviceClaim(self.gpus, spec.device_count)
+            return self.gpus, spec.device_count
         if spec.device_kind == "tpu":
-            return DeviceClaim(self.tpus, len(self.tpus.ids))
-        return DeviceClaim(None, 0)
+            return self.tpus, len(self.tpus.ids)
+        return None, 0
 
     def waiting_message(self, spec: JobSpec) -> str:
         if spec.device_kind == "gpu":
@@ -235,7 +199,7 @@ class JobDevices:
             allocator.kind.lower(): {
                 "ids": list(allocator.ids),
                 "in_use": sorted(allocator.held),
-                "waiting": allocator.waiting,
+                "waiting": self.line.waiting_for(allocator.kind) if self.line is not None else 0,
             }
             for allocator in (self.gpus, self.tpus)
         }

@@ -30,6 +30,7 @@ from fluster_worker.images.dockerfile import (
     CONTAINER_OUT_DIR,
     runner_command,
 )
+from fluster_worker.jobs.admission import Admission
 from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.jobs.store import JobStore
@@ -58,6 +59,12 @@ class Toolkit:
     usage_interval: float = 5.0
     labels: dict[str, str] = field(default_factory=dict)
     devices: JobDevices = field(default_factory=JobDevices)
+    # The line for a slot and devices, shared by every job (made from the two).
+    admission: Admission | None = None
+
+    def __post_init__(self) -> None:
+        if self.admission is None:
+            self.admission = Admission(self.slots, self.devices)
 
 
 class _Killed(Exception):
@@ -123,24 +130,17 @@ class JobExecution:
         kit, rec = self._kit, self.record
         lease: BundleLease | None = None
         release_image: Callable[[], None] | None = None
-        # Take a place in line now, before any await: jobs start in arrival order.
-        granted: list[bool] = []
-
-        def take(token: DeferredSemaphore) -> DeferredSemaphore:
-            granted.append(True)
-            return token
-
-        slot = kit.slots.acquire().addCallback(take)
-        # In line for GPUs or the TPU too, in the same order; held until the end.
-        devices = kit.devices.claim(rec.spec)
+        # Take a place in line now, before any await: jobs start in arrival order
+        # (admission.py), with a slot and their GPUs or TPU held until the end.
+        assert kit.admission is not None
+        ticket = kit.admission.enter(rec.spec)
         try:
             await kit.store.prepare(rec.job_id, self._entrypoint)
             self._entrypoint = b""  # on disk now; the worker keeps no copy
-            await self._unless_killed(slot)
-            if not devices.granted:
+            if not ticket.admitted and rec.spec.device_kind:
                 self._phase(kit.devices.waiting_message(rec.spec))
-            granted_ids = await self._unless_killed(devices.wait())
-            rec.devices = list(granted_ids)
+            devices = await self._unless_killed(ticket.wait())
+            rec.devices = list(devices)
             self._move(JobState.BUILDING, "downloading bundle")
             if rec.spec.bundle_url:
                 lease = await self._unless_killed(
@@ -184,16 +184,11 @@ class JobExecution:
         finally:
             if self._container_id:
                 await self._remove_container()
-            devices.give_back()
             if release_image is not None:
                 release_image()
             if lease is not None:
                 lease.release()
-            if granted:
-                kit.slots.release()
-            else:  # still in line: leave it
-                slot.addErrback(lambda f: f.trap(CancelledError))
-                slot.cancel()
+            ticket.leave()  # the slot and devices, or the place in line
             await self._close_log()
             self._publish()
             self._done.fire(self.record)

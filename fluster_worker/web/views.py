@@ -253,7 +253,7 @@ def worker_stats(worker: WorkerView, facts: Facts) -> dict[str, Any]:
             "memory": config.advertise_memory or "",
             "memory_total_bytes": facts.memory_total_bytes,
             "max_concurrent_jobs": config.max_concurrent_jobs,
-            "devices": worker_devices(worker),
+            **({"devices": devices} if (devices := worker_devices(worker)) else {}),
         },
         "jobs": {
             "total": len(records),
