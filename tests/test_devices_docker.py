@@ -381,8 +381,9 @@ async def test_tpu_memlock_unlimited_or_a_one_line_failure(
     try:
         status = await h.run(job(make_bundle(tmp_path), entrypoint(memlock_limit), tpu()))
         if status.state == pb.JOB_STATE_SUCCEEDED:
-            import cloudpickle
             import resource
+
+            import cloudpickle
 
             assert cloudpickle.loads(status.serialized_result) == resource.RLIM_INFINITY
         else:
