@@ -24,6 +24,7 @@ from fluster_worker.bundles.cache import BundleCache
 from fluster_worker.containers.ports import PortAllocator
 from fluster_worker.containers.runtime import ContainerRuntime
 from fluster_worker.images.builder import ImageBuilder
+from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.env import ContainerEnv
 from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
@@ -90,6 +91,7 @@ class JobRig:
         usage_interval: float = 5.0,
         auto_build: bool = True,
         bundle_dir: Path | None = None,
+        devices: JobDevices | None = None,
     ) -> None:
         self.root = root
         self.clock = Clock()
@@ -116,6 +118,7 @@ class JobRig:
             changed=lambda record: None,
             default_kill_grace=default_kill_grace,
             usage_interval=usage_interval,
+            devices=devices or JobDevices(),
         )
         self.ports = PortAllocator(*port_range, is_free=lambda port: True)
         self.manager = JobManager(
