@@ -6,9 +6,9 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -73,3 +73,22 @@ def blocking_pool() -> Iterator[object]:
     pool.startService()
     yield pool
     pool.pool.stop()
+
+
+@pytest.fixture
+def make_job_rig(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``make_job_rig(root=None, **options)``: a JobRig (fluster_worker.testing.jobs)
+    on ``root`` (a fresh directory under tmp_path by default), closed after the
+    test so that no job's run is left suspended."""
+    from fluster_worker.testing.jobs import JobRig
+
+    rigs: list[JobRig] = []
+
+    def make(root: Path | None = None, **options: Any) -> JobRig:
+        rig = JobRig(root if root is not None else tmp_path / f"rig-{len(rigs)}", **options)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in reversed(rigs):
+        rig.close()

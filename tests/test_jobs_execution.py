@@ -4,6 +4,7 @@ transitions, each way a job fails, kill in every phase, and timeout."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,12 @@ from fluster_worker.testing.jobs import JobRig, result
 BUILDING_PHASES = ["downloading bundle", "building image", "preparing container"]
 
 
+MakeRig = Callable[..., JobRig]
+
+
 @pytest.fixture
-def rig(tmp_path: Path) -> JobRig:
-    rig = JobRig(tmp_path)
+def rig(make_job_rig: MakeRig) -> JobRig:
+    rig = make_job_rig()
     rig.start()
     return rig
 
@@ -90,8 +94,8 @@ def test_a_failing_container_fails_the_job(rig: JobRig, code: int, oom: bool, er
     assert rig.runtime.live() == []
 
 
-def test_a_bundle_that_cannot_be_fetched_fails_the_job_before_any_container(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path)
+def test_a_bundle_that_cannot_be_fetched_fails_the_job_before_any_container(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig()
     rig.start()
     record = rig.submit(bundle_url="https://bundles.test/missing.zip")
     assert record.status_message == "downloading bundle"
@@ -102,11 +106,11 @@ def test_a_bundle_that_cannot_be_fetched_fails_the_job_before_any_container(tmp_
     assert rig.runtime.containers == {} and rig.builder.builds == []
 
 
-def test_a_bundle_is_leased_for_the_run_and_copied_into_the_job(tmp_path: Path) -> None:
+def test_a_bundle_is_leased_for_the_run_and_copied_into_the_job(tmp_path: Path, make_job_rig: MakeRig) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "main.py").write_text("print('hi')\n")
-    rig = JobRig(tmp_path / "rig", bundle_dir=bundle)
+    rig = make_job_rig(bundle_dir=bundle)
     rig.start()
     record = rig.submit(bundle_url="file:///bundles/b.zip")
     assert record.state is JobState.RUNNING
@@ -169,8 +173,8 @@ def assert_killed_without_container(rig: JobRig, record: JobRecord) -> None:
     assert rig.ports.held == frozenset()
 
 
-def test_kill_while_waiting_for_a_slot_leaves_the_line(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, slots=1)
+def test_kill_while_waiting_for_a_slot_leaves_the_line(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=1)
     rig.start()
     rig.submit("first")
     waiting = rig.submit("waiting")
@@ -193,8 +197,8 @@ def test_kill_while_downloading_the_bundle_cancels_the_download(rig: JobRig) -> 
     assert_killed_without_container(rig, record)
 
 
-def test_kill_while_building_the_image_cancels_the_build(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, auto_build=False)
+def test_kill_while_building_the_image_cancels_the_build(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(auto_build=False)
     rig.start()
     record = rig.submit()
     assert record.status_message == "building image"
@@ -214,10 +218,12 @@ def test_kill_while_the_job_files_are_written_frees_the_slot(rig: JobRig) -> Non
     assert_killed_without_container(rig, record)
 
 
-def test_kill_while_the_bundle_is_copied_into_the_job_creates_no_container(tmp_path: Path) -> None:
+def test_kill_while_the_bundle_is_copied_into_the_job_creates_no_container(
+    tmp_path: Path, make_job_rig: MakeRig
+) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    rig = JobRig(tmp_path / "rig", auto_build=False, bundle_dir=bundle)
+    rig = make_job_rig(auto_build=False, bundle_dir=bundle)
     rig.start()
     record = rig.submit(bundle_url="file:///bundles/b.zip")
     rig.pool.paused = True
@@ -335,8 +341,8 @@ def test_a_job_that_ends_in_time_cancels_its_timeout(rig: JobRig) -> None:
     assert rig.container().signals == []
 
 
-def test_the_build_does_not_count_against_the_timeout(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, auto_build=False)
+def test_the_build_does_not_count_against_the_timeout(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(auto_build=False)
     rig.start()
     record = rig.submit(timeout_seconds=10)
     rig.advance(60)

@@ -5,6 +5,7 @@ recovery of records, retention. No Docker, no sleeps."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,12 @@ from fluster_worker.jobs.model import (
 from fluster_worker.testing.containers import SIGKILL_EXIT
 from fluster_worker.testing.jobs import ENTRYPOINT, JobRig, result
 
+MakeRig = Callable[..., JobRig]
+
 
 @pytest.fixture
-def rig(tmp_path: Path) -> JobRig:
-    rig = JobRig(tmp_path)
+def rig(make_job_rig: MakeRig) -> JobRig:
+    rig = make_job_rig()
     rig.start()
     return rig
 
@@ -45,8 +48,8 @@ def saved_state(rig: JobRig, job_id: str) -> str:
 # -- RunJob --------------------------------------------------------------------------
 
 
-def test_run_job_answers_pending_at_once_and_saves_the_record(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path)
+def test_run_job_answers_pending_at_once_and_saves_the_record(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig()
     rig.start()
     rig.pool.paused = True  # the disk is slow
     record = rig.manager.submit(JobRequest(job_id="job-1", entrypoint=ENTRYPOINT))
@@ -123,8 +126,8 @@ def test_a_bad_request_is_refused_before_any_work(
     assert rig.ports.held == frozenset()
 
 
-def test_no_ports_left_is_resources_exhausted_and_holds_none(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, port_range=(31000, 31002))
+def test_no_ports_left_is_resources_exhausted_and_holds_none(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(port_range=(31000, 31002))
     rig.start()
     first = rig.submit("job-1", port_names=("a", "b"))
     with pytest.raises(ResourcesExhausted, match="not enough free ports"):
@@ -165,8 +168,8 @@ def test_the_result_of_a_succeeded_job(rig: JobRig) -> None:
 # -- arrival order -------------------------------------------------------------------
 
 
-def test_jobs_take_free_slots_in_arrival_order(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, slots=2)
+def test_jobs_take_free_slots_in_arrival_order(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=2)
     rig.start()
     for name in ("a", "b", "c", "d", "e"):
         rig.submit(name)
@@ -187,8 +190,8 @@ def test_jobs_take_free_slots_in_arrival_order(tmp_path: Path) -> None:
     assert started == ["a", "b", "c", "d"]
 
 
-def test_the_line_is_the_order_of_arrival_not_of_the_disk(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, slots=1)
+def test_the_line_is_the_order_of_arrival_not_of_the_disk(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=1)
     rig.start()
     rig.pool.paused = True
     first, second = rig.submit("first"), rig.submit("second")
@@ -199,8 +202,8 @@ def test_the_line_is_the_order_of_arrival_not_of_the_disk(tmp_path: Path) -> Non
     assert second.state is JobState.RUNNING
 
 
-def test_a_job_whose_files_cannot_be_written_fails_and_leaves_the_line(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, slots=1)
+def test_a_job_whose_files_cannot_be_written_fails_and_leaves_the_line(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=1)
     rig.start()
     rig.submit("first")
     prepare = rig.store.prepare
@@ -216,8 +219,8 @@ def test_a_job_whose_files_cannot_be_written_fails_and_leaves_the_line(tmp_path:
     assert later.state is JobState.RUNNING  # the broken job did not keep a place in line
 
 
-def test_a_job_failing_before_its_container_frees_its_slot(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, slots=1)
+def test_a_job_failing_before_its_container_frees_its_slot(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=1)
     rig.start()
     rig.builder.fail_next = "image build failed: no space left on device"
     broken = rig.submit("broken")
@@ -228,8 +231,8 @@ def test_a_job_failing_before_its_container_frees_its_slot(tmp_path: Path) -> No
 # -- shutdown ------------------------------------------------------------------------
 
 
-def test_shutdown_ends_every_live_job_as_worker_failed(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, slots=1, shutdown_grace_seconds=2.0)
+def test_shutdown_ends_every_live_job_as_worker_failed(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=1, shutdown_grace_seconds=2.0)
     rig.start()
     running = rig.submit("running")
     pending = rig.submit("pending")
@@ -268,20 +271,20 @@ def test_a_listener_that_raises_does_not_stop_the_job(rig: JobRig) -> None:
 # -- restart: records of a previous run ----------------------------------------------
 
 
-def test_before_recovery_run_job_is_unavailable(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path)
+def test_before_recovery_run_job_is_unavailable(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig()
     with pytest.raises(WorkerUnavailable, match="the worker is starting"):
         rig.manager.submit(JobRequest(job_id="job-1", entrypoint=ENTRYPOINT))
 
 
-def test_a_restarted_manager_answers_for_the_jobs_of_the_previous_one(tmp_path: Path) -> None:
-    before = JobRig(tmp_path)
+def test_a_restarted_manager_answers_for_the_jobs_of_the_previous_one(tmp_path: Path, make_job_rig: MakeRig) -> None:
+    before = make_job_rig(tmp_path)
     before.start()
     before.submit("finished")
     finish(before, "finished")
     before.submit("unfinished")
     # The process dies: no stopService.
-    after = JobRig(tmp_path)
+    after = make_job_rig(tmp_path)
     after.start()
     assert after.record("finished").state is JobState.SUCCEEDED
     unfinished = after.record("unfinished")
@@ -292,8 +295,8 @@ def test_a_restarted_manager_answers_for_the_jobs_of_the_previous_one(tmp_path: 
         after.submit("finished", attempt_id=-1)
 
 
-def test_recovery_removes_containers_a_previous_process_left(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path)
+def test_recovery_removes_containers_a_previous_process_left(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig()
     left = rig.runtime.add_container(ContainerSpec(name="fluster-fake-worker-old-0-abc", image="x", command=["x"]))
     rig.start()
     assert left.state == "removed"
@@ -302,8 +305,8 @@ def test_recovery_removes_containers_a_previous_process_left(tmp_path: Path) -> 
 # -- retention -----------------------------------------------------------------------
 
 
-def test_finished_jobs_past_the_retention_count_are_forgotten_oldest_first(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, retention_count=2)
+def test_finished_jobs_past_the_retention_count_are_forgotten_oldest_first(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(retention_count=2)
     rig.start()
     for name in ("a", "b", "c"):
         rig.submit(name)
@@ -317,8 +320,8 @@ def test_finished_jobs_past_the_retention_count_are_forgotten_oldest_first(tmp_p
         rig.manager.get("a")
 
 
-def test_live_jobs_are_never_pruned(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, retention_count=1, slots=3)
+def test_live_jobs_are_never_pruned(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(retention_count=1, slots=3)
     rig.start()
     for name in ("a", "b", "c"):
         rig.submit(name)
@@ -328,8 +331,8 @@ def test_live_jobs_are_never_pruned(tmp_path: Path) -> None:
     assert sorted(r.job_id for r in rig.manager.records()) == ["a", "c"]
 
 
-def test_finished_jobs_past_the_retention_age_are_forgotten(tmp_path: Path) -> None:
-    rig = JobRig(tmp_path, retention_seconds=3600)
+def test_finished_jobs_past_the_retention_age_are_forgotten(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(retention_seconds=3600)
     rig.start()
     rig.submit("old")
     finish(rig, "old")

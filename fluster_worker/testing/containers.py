@@ -121,6 +121,10 @@ class Hold:
     reached: Deferred[None] = field(default_factory=Deferred)  # the call arrived
     _go: Deferred[None] = field(default_factory=Deferred)
 
+    @property
+    def released(self) -> bool:
+        return self._go.called
+
     def release(self) -> None:
         self._go.callback(None)
 
@@ -136,6 +140,7 @@ class FakeContainerRuntime(Service):
         self.running_service = False
         self.engine_error: str | None = None  # every call fails with this while set
         self._holds: dict[str, Hold] = {}
+        self.reached: list[Hold] = []  # holds whose call arrived
         self._failures: dict[str, Exception] = {}
         self._ids = itertools.count(1)
         self._waiting: dict[str, list[Deferred[ExitStatus]]] = {}
@@ -363,6 +368,7 @@ class FakeContainerRuntime(Service):
             except Exception as e:
                 return fail(e)
         d = hold._go.addCallback(go)
+        self.reached.append(hold)
         hold.reached.callback(None)
         return d
 
