@@ -142,7 +142,7 @@ async def test_live_job_page_in_chromium(harness: Harness, driver: Any, tmp_path
     await harness.wait_state(job_id, {pb.JOB_STATE_RUNNING})
 
     async def first_lines() -> bool:
-        response = await treq.get(f"{harness.url}/api/jobs/{job_id}/logs?tail=5&source=stdout")
+        response = await treq.get(f"{harness.url}/api/v1/jobs/{job_id}/logs?tail=5&source=stdout")
         body = json.loads(await response.text("utf-8"))
         return len(body["lines"]) >= 3
 

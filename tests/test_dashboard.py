@@ -239,7 +239,7 @@ def test_hostile_strings_are_escaped_everywhere(worker: FakeWorker, client: Clie
     page = client.get("/job/%3Cscript%3Ealert(1)%22'")
     assert page.code == 404
     assert "<script>alert" not in page.text and "&lt;script&gt;alert(1)&#34;" in page.text
-    api = client.get("/api/jobs/job-hostile")
+    api = client.get("/api/v1/jobs/job-hostile")
     assert api.json()["error"] == HOSTILE
     assert "secret-value" not in api.text
 
@@ -253,10 +253,12 @@ def test_not_found(client: Client) -> None:
     page = client.get("/no/such/page")
     assert page.code == 404 and "Not found" in page.text
     assert client.get("/static/missing.js").code == 404
-    api = client.get("/api/jobs/no-such-job")
+    api = client.get("/api/v1/jobs/no-such-job")
     assert api.code == 404 and api.json() == {"error": "job no-such-job not found"}
-    assert client.get("/api/jobs/no-such-job/logs").code == 404
-    assert client.get("/api/jobs/a/b/c").json() == {"error": "no such API route"}
+    assert client.get("/api/v1/jobs/no-such-job/logs").code == 404
+    assert client.get("/api/v1/jobs/a/b/c").json() == {"error": "job a/b/c not found"}
+    assert client.get("/api/v1/jobs/a/%2E%2E/c").json() == {"error": "invalid job id 'a/../c'"}
+    assert client.get("/api/v1/nope").json() == {"error": "no such API route"}
 
 
 def test_routing_keeps_rpc_and_pages_apart(client: Client) -> None:
@@ -276,7 +278,7 @@ def test_routing_keeps_rpc_and_pages_apart(client: Client) -> None:
 
 
 def test_security_headers_and_no_outside_assets(client: Client) -> None:
-    for path in ("/", "/job/job-running", "/api/stats", "/static/dashboard.css", "/metrics", "/nope"):
+    for path in ("/", "/job/job-running", "/api/v1/stats", "/static/dashboard.css", "/metrics", "/nope"):
         page = client.get(path)
         assert page.header("content-security-policy", ) is not None, path
         assert (page.header("content-security-policy") or "").startswith("default-src 'self'"), path
@@ -398,7 +400,7 @@ def test_formatting() -> None:
 
 
 def test_api_stats(client: Client) -> None:
-    page = client.get("/api/stats")
+    page = client.get("/api/v1/stats")
     assert page.code == 200 and page.header("content-type") == "application/json; charset=utf-8"
     stats = page.json()
     assert stats == {
@@ -419,7 +421,7 @@ def test_api_stats(client: Client) -> None:
 
 
 def test_api_jobs(client: Client) -> None:
-    jobs = client.get("/api/jobs").json()["jobs"]
+    jobs = client.get("/api/v1/jobs").json()["jobs"]
     assert [j["job_id"] for j in jobs] == ["job-pending", "job-running", "job-failed", "job-done"]
     running = jobs[1]
     assert set(running) == {
@@ -430,14 +432,14 @@ def test_api_jobs(client: Client) -> None:
     assert running["ports"] == {"http": 30001}
     assert running["usage"]["cpu_percent"] == 37 and running["usage"]["memory_mb"] == 120
     assert running["duration_ms"] == T0_MS - running["started_at_ms"]  # until now
-    assert [j["job_id"] for j in client.get("/api/jobs?state=failed").json()["jobs"]] == ["job-failed"]
-    assert len(client.get("/api/jobs?limit=2").json()["jobs"]) == 2
-    assert client.get("/api/jobs?state=nope").code == 400
-    assert client.get("/api/jobs?limit=0").code == 400
+    assert [j["job_id"] for j in client.get("/api/v1/jobs?state=failed").json()["jobs"]] == ["job-failed"]
+    assert len(client.get("/api/v1/jobs?limit=2").json()["jobs"]) == 2
+    assert client.get("/api/v1/jobs?state=nope").code == 400
+    assert client.get("/api/v1/jobs?limit=0").code == 400
 
 
 def test_api_job(client: Client) -> None:
-    job = client.get("/api/jobs/job-failed").json()
+    job = client.get("/api/v1/jobs/job-failed").json()
     assert job["state"] == "FAILED" and job["exit_code"] == 3 and job["error"] == "Exit code: 3"
     assert job["build"] == {
         "started_ms": job["build"]["started_ms"], "finished_ms": job["build"]["started_ms"] + 4000,
@@ -451,39 +453,39 @@ def test_api_job(client: Client) -> None:
     assert not any(p["ongoing"] for p in job["phases"])
     assert job["log_lines"] == 2
     assert job["spec"]["memory"] == "512m" and job["spec"]["env_var_names"] == []
-    running = client.get("/api/jobs/job-running").json()
+    running = client.get("/api/v1/jobs/job-running").json()
     assert running["phases"][-1]["ongoing"] is True
 
 
 def test_api_logs(client: Client) -> None:
-    tail = client.get("/api/jobs/job-running/logs?tail=4").json()
+    tail = client.get("/api/v1/jobs/job-running/logs?tail=4").json()
     assert tail["state"] == "RUNNING" and tail["terminal"] is False
     assert [x["data"] for x in tail["lines"]] == ["line 26", "line 27", "line 28", "line 29"]
     assert set(tail["lines"][0]) == {"seq", "timestamp_ms", "source", "data"}
     assert tail["last_seq"] == 29
-    stderr = client.get("/api/jobs/job-running/logs?tail=2&source=stderr").json()["lines"]
+    stderr = client.get("/api/v1/jobs/job-running/logs?tail=2&source=stderr").json()["lines"]
     assert [(x["source"], x["data"]) for x in stderr] == [("stderr", "line 27"), ("stderr", "line 29")]
     # The live follow: pages forward from a seq.
-    after = client.get("/api/jobs/job-running/logs?after_seq=25&tail=2").json()
+    after = client.get("/api/v1/jobs/job-running/logs?after_seq=25&tail=2").json()
     assert [x["seq"] for x in after["lines"]] == [26, 27] and after["last_seq"] == 27
-    from_start = client.get("/api/jobs/job-running/logs?after_seq=-1&tail=2").json()
+    from_start = client.get("/api/v1/jobs/job-running/logs?after_seq=-1&tail=2").json()
     assert [x["seq"] for x in from_start["lines"]] == [0, 1]
-    nothing_new = client.get("/api/jobs/job-running/logs?after_seq=29").json()
+    nothing_new = client.get("/api/v1/jobs/job-running/logs?after_seq=29").json()
     assert nothing_new["lines"] == [] and nothing_new["last_seq"] == 29
-    both = client.get("/api/jobs/job-running/logs?source=stdout,stderr&tail=1").json()["lines"]
+    both = client.get("/api/v1/jobs/job-running/logs?source=stdout,stderr&tail=1").json()["lines"]
     assert [x["data"] for x in both] == ["line 29"]
-    regex = client.get("/api/jobs/job-running/logs?regex=line%202%5B05%5D").json()["lines"]
+    regex = client.get("/api/v1/jobs/job-running/logs?regex=line%202%5B05%5D").json()["lines"]
     assert [x["data"] for x in regex] == ["line 20", "line 25"]
     for bad in ("source=nope", "tail=0", f"tail={10**6}", "after_seq=x", "regex=(", "after_seq=-2"):
-        page = client.get("/api/jobs/job-running/logs?" + bad)
+        page = client.get("/api/v1/jobs/job-running/logs?" + bad)
         assert page.code == 400, bad
         assert page.json()["error"], bad
 
 
 def test_api_logs_see_new_lines(worker: FakeWorker, client: Client) -> None:
-    first = client.get("/api/jobs/job-running/logs?tail=1").json()
+    first = client.get("/api/v1/jobs/job-running/logs?tail=1").json()
     worker.logs.add("job-running", "stdout", "fresh line")
-    later = client.get(f"/api/jobs/job-running/logs?after_seq={first['last_seq']}").json()
+    later = client.get(f"/api/v1/jobs/job-running/logs?after_seq={first['last_seq']}").json()
     assert [x["data"] for x in later["lines"]] == ["fresh line"]
 
 
@@ -529,7 +531,7 @@ async def test_dashboard_shows_and_kills_a_real_running_job(harness: Harness, tm
     await harness.wait_state(job_id, {pb.JOB_STATE_RUNNING})
 
     async def ticking() -> bool:
-        code, body, _ = await _get(f"{harness.url}/api/jobs/{job_id}/logs?tail=5&source=stdout")
+        code, body, _ = await _get(f"{harness.url}/api/v1/jobs/{job_id}/logs?tail=5&source=stdout")
         return code == 200 and any(x["data"].startswith("tick ") for x in json.loads(body)["lines"])
 
     await until(ticking, 60, "the job's first lines")
@@ -542,7 +544,7 @@ async def test_dashboard_shows_and_kills_a_real_running_job(harness: Harness, tm
     assert headers.getRawHeaders("content-security-policy")[0].startswith("default-src 'self'")
     match = re.search(r'name="token" value="([0-9a-f]+)"', page)
     assert match
-    stats = json.loads((await _get(harness.url + "/api/stats"))[1])
+    stats = json.loads((await _get(harness.url + "/api/v1/stats"))[1])
     assert stats["jobs"]["running"] == 1 and stats["worker_id"] == harness.worker.worker_id
 
     # The confirmed kill, as the browser posts it (same origin).

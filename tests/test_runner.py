@@ -123,6 +123,52 @@ def test_raising_job_exits_1_with_traceback(tmp_path: Path, project: Path) -> No
     assert not run.result_path.exists()
 
 
+class HostileError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+def raises_hostile() -> None:
+    raise HostileError()
+
+
+def raises_long_multiline() -> None:
+    raise KeyError("line one\nline two " + "x" * 5000)
+
+
+def error_file(run: Run) -> str:
+    from fluster_worker.jobs.store import ERROR_FILE
+
+    return (run.result_path.parent / ERROR_FILE).read_text()
+
+
+def test_raising_job_records_type_and_message_beside_the_result(tmp_path: Path, project: Path) -> None:
+    run = run_runner(tmp_path, project, entrypoint(raises))
+    assert run.returncode == 1
+    assert error_file(run) == "ValueError: boom from the job"
+
+
+def test_recorded_error_is_one_bounded_line_even_for_hostile_exceptions(tmp_path: Path, project: Path) -> None:
+    run = run_runner(tmp_path, project, entrypoint(raises_hostile))
+    assert run.returncode == 1
+    assert error_file(run) == f"{__name__}.HostileError: <unprintable message>"
+    run = run_runner(tmp_path, project, entrypoint(raises_long_multiline))
+    text = error_file(run)
+    assert text.startswith("KeyError: 'line one\\nline two xxx") and text.endswith("...")
+    assert "\n" not in text and len(text) <= 500
+
+
+def test_success_removes_an_earlier_error_file(tmp_path: Path, project: Path) -> None:
+    from fluster_worker.jobs.store import ERROR_FILE
+
+    stale = tmp_path / "io" / "out" / ERROR_FILE
+    stale.parent.mkdir(parents=True)
+    stale.write_text("ValueError: from an earlier attempt")
+    run = run_runner(tmp_path, project, entrypoint(operator.add, (1, 2)))
+    assert run.returncode == 0
+    assert not stale.exists()
+
+
 def test_system_exit_keeps_its_code(tmp_path: Path, project: Path) -> None:
     run = run_runner(tmp_path, project, entrypoint(sys.exit, (3,)))
     assert run.returncode == 3
@@ -160,6 +206,7 @@ def test_unloadable_entrypoint(tmp_path: Path, project: Path) -> None:
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("fluster-runner: could not load the entrypoint: ")
     assert "Traceback" in run.stderr
+    assert error_file(run).startswith("could not load the entrypoint: _pickle.UnpicklingError: ")
 
 
 def test_entrypoint_without_callable(tmp_path: Path, project: Path) -> None:
@@ -173,6 +220,7 @@ def test_unpicklable_result(tmp_path: Path, project: Path) -> None:
     assert run.returncode == 1
     assert "fluster-runner: could not write the result" in run.stderr
     assert not run.result_path.exists()
+    assert error_file(run).startswith("could not write the result: TypeError: ")
 
 
 def test_job_modules_import_from_cwd_and_src(tmp_path: Path, project: Path) -> None:

@@ -19,6 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
+from fluster_worker.common.jobnames import job_key
 from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.devices import DevicesUnavailable
@@ -233,7 +234,10 @@ class JobExecution:
                 exit_code=status.exit_code,
             )
         elif status.exit_code != 0:
-            self._fail(f"Exit code: {status.exit_code}", exit_code=status.exit_code)
+            # "Exit code: N" first (what existing peers look for), then why, if the runner said.
+            reason = await kit.store.read_error(rec.job_id)
+            error = f"Exit code: {status.exit_code}" + (f": {reason}" if reason else "")
+            self._fail(error, exit_code=status.exit_code)
         elif refused:
             self._fail(refused, exit_code=status.exit_code)
         else:
@@ -273,7 +277,7 @@ class JobExecution:
         kit, rec = self._kit, self.record
         store = kit.store
         return ContainerSpec(
-            name=container_name(rec.worker_id, rec.job_id, rec.attempt_id),
+            name=container_name(rec.worker_id, job_key(rec.job_id), rec.attempt_id),
             image=image,
             command=runner_command(),
             env=kit.devices.environment(rec, kit.container_env(rec)),

@@ -6,9 +6,11 @@ layer (``fluster_worker.web.wire``) translates."""
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# Re-exported: the rule lives with the file names it makes (common.jobnames).
+from fluster_worker.common.jobnames import valid_job_id as valid_job_id
 
 
 class JobState(enum.IntEnum):
@@ -121,15 +123,6 @@ class JobRequest:
     device: DeviceRequest = DeviceRequest()
     timeout_seconds: int = 0
     port_names: tuple[str, ...] = ()
-
-
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-
-
-def valid_job_id(job_id: str) -> bool:
-    """Job ids name files and containers: letters, digits, '.', '_', '-', at most 200,
-    not starting with a dot or dash (so never '.', '..' or an option)."""
-    return _JOB_ID.fullmatch(job_id) is not None
 
 
 @dataclass

@@ -1,13 +1,15 @@
 """Job records and per-job files under the state dir, so a restarted worker
 still answers for finished jobs.
 
-Layout, one directory per job::
+Layout, one directory per job, named by ``job_key(job_id)`` (common.jobnames:
+the id itself for ids of the first, flat rule, so older state dirs load as they
+are; ``<slug>~<hash>`` for the others, e.g. ``parent/child``)::
 
-    <root>/<job_id>/record.json      the JobRecord, replaced atomically
-    <root>/<job_id>/entrypoint.pkl   the request's pickle (only the container reads it)
-    <root>/<job_id>/out/             the runner writes result.pkl here
-    <root>/<job_id>/workdir/         mounted at /workdir
-    <root>/<job_id>/app/             the job's copy of its bundle, mounted at /app
+    <root>/<key>/record.json      the JobRecord, replaced atomically
+    <root>/<key>/entrypoint.pkl   the request's pickle (only the container reads it)
+    <root>/<key>/out/             the runner writes result.pkl (and error.txt) here
+    <root>/<key>/workdir/         mounted at /workdir
+    <root>/<key>/app/             the job's copy of its bundle, mounted at /app
 """
 
 from __future__ import annotations
@@ -22,13 +24,21 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
 from fluster_worker.common.files import write_atomically
+from fluster_worker.common.jobnames import job_key, valid_job_id
 from fluster_worker.common.safe_files import FileTooLarge, UnsafeFile, probe_regular, read_regular
 from fluster_worker.common.safe_tree import remove_tree, tree_usage
+from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.images.dockerfile import CONTAINER_IO_DIR
 from fluster_worker.jobs.model import JobRecord
 
 _RESULT = ("out", "result.pkl")  # relative to the job's directory; /fluster/out/result.pkl for the job
+#: The runner's record of the exception that ended the job, beside result.pkl.
+ERROR_FILE = "error.txt"
+_ERROR = ("out", ERROR_FILE)
+#: The most of it read (the runner writes at most 500 characters); the most kept.
+MAX_ERROR_FILE_BYTES = 4096
+MAX_ERROR_CHARS = 1000
 
 
 class ResultTooLarge(Exception):
@@ -45,7 +55,7 @@ class JobStore:
         self._locks: dict[str, DeferredLock] = {}
 
     def job_dir(self, job_id: str) -> Path:
-        return self.root / job_id
+        return self.root / job_key(job_id)
 
     def entrypoint_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "entrypoint.pkl"
@@ -101,11 +111,19 @@ class JobStore:
             for entry in sorted(self.root.iterdir()):
                 path = entry / "record.json"
                 try:
-                    records.append(JobRecord.from_json(json.loads(path.read_bytes())))
+                    record = JobRecord.from_json(json.loads(path.read_bytes()))
                 except FileNotFoundError:
                     _remove(entry)  # never got a record: debris
+                    continue
                 except (ValueError, KeyError, TypeError) as e:
                     self.log.warn("unreadable job record {path}: {error}", path=str(path), error=str(e))
+                    continue
+                # A record is only ever written to its own job's directory: anything
+                # else was put there by hand, and is left alone rather than trusted.
+                if not valid_job_id(record.job_id) or job_key(record.job_id) != entry.name:
+                    self.log.warn("job record {path} is not in its job's directory: skipped", path=str(path))
+                    continue
+                records.append(record)
             return records
 
         return self._pool.run(load)
@@ -123,6 +141,25 @@ class JobStore:
             except UnsafeFile as e:
                 raise _shown_in_container(e) from None
             return data or b""
+
+        return self._pool.run(read)
+
+    def read_error(self, job_id: str) -> Deferred[str]:
+        """What the runner recorded of the exception that ended the job: one line
+        of at most MAX_ERROR_CHARS, control characters blanked; "" when there is
+        none. The job could have written anything there: it is read as hostile
+        (a regular file only, no link followed, bounded) and any doubt means ""."""
+
+        def read() -> str:
+            try:
+                data = read_regular(self.job_dir(job_id), _ERROR, MAX_ERROR_FILE_BYTES)
+            except (UnsafeFile, FileTooLarge, OSError) as e:  # the job's outcome stands without it
+                self.log.warn("ignoring the error record of {job_id}: {error}", job_id=job_id, error=str(e))
+                return ""
+            if not data:
+                return ""
+            text = data.decode("utf-8", errors="replace")
+            return one_line("".join(c if c.isprintable() else " " for c in text), MAX_ERROR_CHARS)
 
         return self._pool.run(read)
 

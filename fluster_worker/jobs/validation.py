@@ -8,10 +8,11 @@ import re
 import uuid
 
 from fluster_worker.accelerators import Accelerators
+from fluster_worker.common.jobnames import job_id_problem, shown_job_id
 from fluster_worker.containers import ports, resources
 from fluster_worker.images import builder
 from fluster_worker.jobs.devices import JobDevices
-from fluster_worker.jobs.model import InvalidJobRequest, JobRequest, JobSpec, valid_job_id
+from fluster_worker.jobs.model import InvalidJobRequest, JobRequest, JobSpec
 
 MAX_ENTRYPOINT_BYTES = 16 * 2**20
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
@@ -27,11 +28,11 @@ def job_id_of(request: JobRequest) -> str:
 
 
 def check_job_id(job_id: str) -> None:
-    if not valid_job_id(job_id):
-        raise InvalidJobRequest(
-            f"invalid job_id {job_id[:64]!r}: use letters, digits, '.', '_', '-' (at most 200), "
-            "starting with a letter or digit"
-        )
+    """InvalidJobRequest unless ``job_id`` is valid (``common.jobnames``): at most
+    1024 bytes of UTF-8, no control characters, no empty, "." or ".." segment."""
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise InvalidJobRequest(f"invalid job_id {shown_job_id(str(job_id), 64)}: {problem}")
 
 
 def job_spec(request: JobRequest, cpu_count: int, devices: JobDevices | None = None) -> JobSpec:

@@ -2,7 +2,7 @@
 Everything here blocks: it runs in the BlockingPool. The writer is JobFiles
 (disk.py); the queries are in query.py.
 
-Layout (``<root>/<job_id>/``), per source (stdout, stderr, build, error):
+Layout (``<root>/<job key>/``, see ``common.jobnames``), per source (stdout, stderr, build, error):
 
 * ``<source>.<n>.dat``: the lines' UTF-8 data, each followed by ``\\n`` (so
   ``cat`` shows the log); nothing else.
@@ -40,6 +40,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluster_worker.common.jobnames import job_key
 from fluster_worker.logs.model import SOURCES
 
 ENTRY = 24  # bytes of one index entry
@@ -47,17 +48,12 @@ LINE_OVERHEAD = 1 + ENTRY  # bytes a line costs beyond its data: newline + index
 TAIL_SEGMENTS = 4  # tail segments kept per source
 _NATIVE_LE = sys.byteorder == "little"
 SEGMENT_NAME = re.compile(r"(stdout|stderr|build|error)\.(\d{1,9})\.(idx|dat)")
-_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
 
 
 def job_directory(root: Path, job_id: str) -> Path:
-    """``root/job_id``, refusing anything that is not a plain child name."""
-    if not isinstance(job_id, str) or _JOB_ID.fullmatch(job_id) is None:
-        raise ValueError(f"invalid job id {str(job_id)[:64]!r}")
-    path = root / job_id
-    if path.parent != root or path.name != job_id:
-        raise ValueError(f"invalid job id {job_id[:64]!r}")
-    return path
+    """``root/<job_key(job_id)>`` (common.jobnames: a plain child name, derived
+    injectively from the id); ValueError for an invalid id."""
+    return root / job_key(job_id)
 
 
 def to_disk(values: array) -> bytes:  # type: ignore[type-arg]

@@ -44,7 +44,7 @@ __all__ = ["DEFAULT_MAX_STREAM_BYTES", "JobLog", "LogStore", "LogWriteError"]
 
 
 class LogStore:
-    """Every job's log under ``root`` (``root/<job_id>/``, see layout.py)."""
+    """Every job's log under ``root`` (``root/<job key>/``, see layout.py)."""
 
     log = Logger()
 

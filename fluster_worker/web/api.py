@@ -1,15 +1,18 @@
 """The dashboard's data: what a worker and its jobs look like as JSON, and the
-read-only JSON API under ``/api/`` that serves it.
+read-only JSON API under ``/api/v1/`` that serves it (the pages' live follow
+reads it). ``/api/...`` without ``v1`` is the existing worker's API, in its
+shapes (``compat_api``).
 
 Routes (GET, ``application/json``):
 
-- ``/api/stats``: identity, health, controller link, resources, counts by state.
-- ``/api/jobs[?state=running&limit=N]``: job summaries, newest first.
-- ``/api/jobs/<id>``: one job in full (timeline, build, spec without env values).
-- ``/api/jobs/<id>/logs[?tail=N][&source=stdout,stderr][&after_seq=K][&regex=R]``:
+- ``/api/v1/stats``: identity, health, controller link, resources, counts by state.
+- ``/api/v1/jobs[?state=running&limit=N]``: job summaries, newest first.
+- ``/api/v1/jobs/<id>``: one job in full (timeline, build, spec without env values).
+- ``/api/v1/jobs/<id>/logs[?tail=N][&source=stdout,stderr][&after_seq=K][&regex=R]``:
   log lines with their ``seq``; ``after_seq`` pages forward (the live follow),
   otherwise the last ``tail`` lines.
 
+Ids may contain "/": encode it as ``%2F`` in these paths (``views.split_suffix``).
 The shapes and the protocols it reads the worker through are in ``views``.
 """
 
@@ -40,24 +43,27 @@ from fluster_worker.web.views import (
     parse_sources,
     parse_state,
     select_jobs,
+    split_suffix,
     worker_stats,
 )
+
+PREFIX = "/api/v1"
 
 # -- the routes ---------------------------------------------------------------------
 
 
 class JobsApi:
-    """``/api/...`` on a Klein app."""
+    """``/api/v1/...`` on a Klein app."""
 
     def __init__(self, worker: WorkerView, facts: Facts) -> None:
         self._worker = worker
         self._facts = facts
 
     def mount(self, app: Klein) -> None:
-        app.route("/api/stats", methods=["GET"], endpoint="api_stats")(self.stats)
-        app.route("/api/jobs", methods=["GET"], endpoint="api_jobs")(self.jobs)
-        app.route("/api/jobs/<string:job_id>", methods=["GET"], endpoint="api_job")(self.job)
-        app.route("/api/jobs/<string:job_id>/logs", methods=["GET"], endpoint="api_job_logs")(self.job_logs)
+        app.route(PREFIX + "/stats", methods=["GET"], endpoint="api_stats")(self.stats)
+        app.route(PREFIX + "/jobs", methods=["GET"], endpoint="api_jobs")(self.jobs)
+        app.route(PREFIX + "/jobs/<path:job_id>", methods=["GET"], endpoint="api_job")(self.job)
+        app.route(PREFIX + "/jobs/<path:job_id>/logs", methods=["GET"], endpoint="api_job_logs")(self.job_logs)
 
     def stats(self, request: Request) -> bytes:
         return json_response(request, 200, worker_stats(self._worker, self._facts))
@@ -80,6 +86,9 @@ class JobsApi:
         return json_response(request, 200, job_detail(record, now, self._worker.logs))
 
     async def job_logs(self, request: Request, job_id: str) -> bytes:
+        job_id, is_logs = split_suffix(request, job_id, "logs", lambda j: self._record(j) is not None)
+        if not is_logs:
+            return self.job(request, job_id)
         record = self._record(job_id)
         if record is None:
             return json_error(request, 404, not_found_message(job_id))

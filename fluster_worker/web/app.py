@@ -7,7 +7,9 @@ matters for readability):
 - ``POST /fluster.cluster.WorkerService/<Method>``: the RPC (``rpc.connect``).
 - ``GET /``, ``GET /job/<id>``, ``POST /job/<id>/kill``, ``GET /static/<name>``:
   the pages (``dashboard``).
-- ``GET /api/...``: JSON (``api``).
+- ``GET /api/v1/...``: the dashboard's JSON (``api``).
+- ``GET /api/stats``, ``/api/jobs[/<id>[/logs]]``: the existing worker's JSON
+  API in its shapes (``compat_api``).
 - ``GET /metrics``: Prometheus text (``metrics``).
 - ``POST /<service>/<method>``: Connect ``unimplemented`` for any other service.
 
@@ -24,6 +26,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from fluster_worker.web.api import JobsApi
+from fluster_worker.web.compat_api import CompatApi
 from fluster_worker.web.dashboard import Dashboard
 from fluster_worker.web.metrics import WorkerMetrics
 from fluster_worker.web.refusals import RefusalLog
@@ -108,6 +111,7 @@ def build_app(
     dashboard = Dashboard(worker, facts)
     dashboard.mount(app)
     JobsApi(worker, facts).mount(app)
+    CompatApi(worker).mount(app)
     _mount_metrics(app, metrics)
     mount_unknown_services(app, refusals)
     dashboard.mount_errors(app)

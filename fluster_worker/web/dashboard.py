@@ -4,8 +4,9 @@ Routes:
 
 - ``GET /``: the worker (identity, health, controller link, resources), counts by
   state and the jobs table (``?state=running`` filters it).
-- ``GET /job/<id>``: one job: timeline, build, ports, usage, spec and its log
-  (``?source=stdout`` picks a tab; ``?tail=N`` how many lines). The page works
+- ``GET /job/<id>`` (ids may contain "/": ``/job/parent/child``): one job:
+  timeline, build, ports, usage, spec and its log (``?source=stdout`` picks a
+  tab; ``?tail=N`` how many lines). The page works
   without JavaScript; ``/static/dashboard.js`` then follows the log live.
 - ``POST /job/<id>/kill``: kill, after a confirmation (a confirm page without JS,
   ``confirm()`` with it). Needs the form's token, and a same-origin ``Origin``
@@ -50,14 +51,17 @@ from fluster_worker.web.views import (
     counts_by_state,
     int_arg,
     job_detail,
+    job_page_url,
     job_summary,
     json_error,
+    literal_suffix,
     log_query,
     not_found_message,
     now_ms,
     parse_sources,
     parse_state,
     select_jobs,
+    split_suffix,
     worker_stats,
 )
 from fluster_worker.web.wire import connect_error
@@ -138,6 +142,7 @@ def make_environment() -> jinja2.Environment:
     env.filters.update(
         time=fmt_time, clock=fmt_clock, duration=fmt_duration, bytes=fmt_bytes, shorten=shorten,
         urlpart=lambda s: quote(str(s), safe=""),
+        jobpage=lambda s: job_page_url(str(s)),
     )
     for name in PAGES:
         env.get_template(name)
@@ -171,8 +176,8 @@ class Dashboard:
         # Explicit endpoint names: Klein defaults to the function's name, and two
         # handlers called "job" would silently share one endpoint.
         app.route("/", methods=["GET"], endpoint="dashboard_index")(self.index)
-        app.route("/job/<string:job_id>", methods=["GET"], endpoint="dashboard_job")(self.job)
-        app.route("/job/<string:job_id>/kill", methods=["POST"], endpoint="dashboard_kill")(self.kill)
+        app.route("/job/<path:job_id>", methods=["GET"], endpoint="dashboard_job")(self.job)
+        app.route("/job/<path:job_id>/kill", methods=["POST"], endpoint="dashboard_kill")(self.kill)
         app.route("/static/<string:name>", methods=["GET"], endpoint="dashboard_static")(self.static)
 
     # -- rendering ------------------------------------------------------------------
@@ -213,6 +218,10 @@ class Dashboard:
     async def job(self, request: Request, job_id: str) -> bytes:
         record = self._record(job_id)
         if record is None:
+            owner = job_id.rpartition("/")[0]
+            if job_id.endswith("/kill") and literal_suffix(request, "kill") and self._known(owner):
+                # Not a job "<id>/kill": a kill link followed with GET.
+                return self.message(request, 405, "Method not allowed", "a kill needs the Kill button", job_url(owner))
             return self.message(request, 404, "Job not found", not_found_message(job_id))
         try:
             sources = parse_sources(arg(request, "source"))
@@ -248,6 +257,9 @@ class Dashboard:
         )
 
     async def kill(self, request: Request, job_id: str) -> bytes:
+        job_id, is_kill = split_suffix(request, job_id, "kill", self._known)
+        if not is_kill:
+            return self.message(request, 405, "Method not allowed", "a job page takes no POST", job_url(job_id))
         record = self._record(job_id)
         if record is None:
             return self.message(request, 404, "Job not found", not_found_message(job_id))
@@ -294,6 +306,9 @@ class Dashboard:
     def _record(self, job_id: str) -> JobRecord | None:
         return self._worker.manager.find(job_id)
 
+    def _known(self, job_id: str) -> bool:
+        return self._record(job_id) is not None
+
     # -- errors -----------------------------------------------------------------------
 
     def mount_errors(self, app: Klein) -> None:
@@ -332,7 +347,7 @@ def controller_url(address: str | None) -> str:
 
 
 def job_url(job_id: str) -> str:
-    return "/job/" + quote(job_id, safe="")
+    return job_page_url(job_id)
 
 
 def same_origin(request: Request) -> bool:

@@ -9,6 +9,9 @@ writes ``cloudpickle.dumps(value)`` to the result path atomically.
 Exit status: 0 on success; 1 when the entrypoint cannot be loaded, the call
 raises, or the result cannot be pickled (traceback on stderr); a SystemExit
 raised by the job keeps its code; SIGTERM exits 143 after unwinding the job.
+On exit status 1 the runner also writes why, one line of at most
+``_MAX_ERROR_CHARS`` characters (e.g. ``ValueError: boom``), to ``error.txt``
+beside the result: the worker adds it to the job's error.
 
 This file must stay importable by Python 3.8+ with no third-party imports at
 module level other than cloudpickle (imported lazily). Its sha256 is part of
@@ -26,6 +29,8 @@ from typing import Any, NoReturn
 
 _ENTRYPOINT_MODULES = ("fluster", "fluster.cluster", "fluster.cluster.types")
 _MAX_ENTRYPOINT_BYTES = 1 << 30
+_ERROR_FILE = "error.txt"
+_MAX_ERROR_CHARS = 500
 
 
 def _die(message: str) -> NoReturn:
@@ -131,10 +136,37 @@ def _load(path: str) -> Any:
     return entrypoint
 
 
+def describe(error: BaseException) -> str:
+    """``Type: message`` on one line, bounded, as the last line of a traceback
+    names it (``pkg.mod.Type`` for types outside builtins). Never raises: the
+    message of a hostile exception may itself fail to render."""
+    kind = type(error)
+    name = kind.__qualname__
+    module = getattr(kind, "__module__", "builtins")
+    if module not in ("builtins", "__main__", None):
+        name = f"{module}.{name}"
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable message>"
+    text = " ".join((f"{name}: {message}" if message else name).split())
+    if len(text) > _MAX_ERROR_CHARS:
+        text = text[: _MAX_ERROR_CHARS - 3] + "..."
+    return text
+
+
+def _write_error(result_path: str, text: str) -> None:
+    """Best effort: the exit status is what counts; this only says why."""
+    _write_file(os.path.join(os.path.dirname(result_path), _ERROR_FILE), text.encode("utf-8", "replace"))
+
+
 def _write_result(path: str, value: Any) -> None:
     import cloudpickle
 
-    data = cloudpickle.dumps(value)
+    _write_file(path, cloudpickle.dumps(value))
+
+
+def _write_file(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -157,24 +189,26 @@ def main(argv: list[str]) -> int:
     entrypoint_path, result_path = argv[1], argv[2]
     signal.signal(signal.SIGTERM, _on_sigterm)
     _setup_sys_path(os.getcwd())
-    try:
-        os.unlink(result_path)
-    except FileNotFoundError:
-        pass
+    for stale in (result_path, os.path.join(os.path.dirname(result_path), _ERROR_FILE)):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
 
     try:
         entrypoint = _load(entrypoint_path)
     except Exception as e:
         traceback.print_exc()
-        _die(f"could not load the entrypoint: {type(e).__name__}: {e}")
+        _fail(result_path, "could not load the entrypoint: " + describe(e))
 
     args = entrypoint.args if entrypoint.args is not None else ()
     kwargs = entrypoint.kwargs if entrypoint.kwargs is not None else {}
     try:
         value = entrypoint.callable(*args, **kwargs)
-    except Exception:
+    except Exception as e:
         traceback.print_exc()
         sys.stderr.flush()
+        _record_error(result_path, describe(e))
         return 1
     finally:
         sys.stdout.flush()
@@ -184,8 +218,20 @@ def main(argv: list[str]) -> int:
             _write_result(result_path, value)
         except Exception as e:
             traceback.print_exc()
-            _die(f"could not write the result: {type(e).__name__}: {e}")
+            _fail(result_path, "could not write the result: " + describe(e))
     return 0
+
+
+def _record_error(result_path: str, text: str) -> None:
+    try:
+        _write_error(result_path, text)
+    except Exception as e:  # a full disk, a read-only mount: the exit status still says it failed
+        sys.stderr.write("fluster-runner: could not record the error: " + describe(e) + "\n")
+
+
+def _fail(result_path: str, message: str) -> NoReturn:
+    _record_error(result_path, message)
+    _die(message)
 
 
 if __name__ == "__main__":

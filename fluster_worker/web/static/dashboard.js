@@ -17,7 +17,7 @@
     });
   });
 
-  // -- Live follow: poll /api/jobs/<id>/logs?after_seq=K while the job lives ------
+  // -- Live follow: poll /api/v1/jobs/<id>/logs?after_seq=K while the job lives ------
   var log = document.getElementById("log");
   if (!log || log.dataset.follow !== "yes") {
     return;
@@ -117,7 +117,7 @@
     if (source) {
       q += "&source=" + encodeURIComponent(source);
     }
-    return "/api/jobs/" + encodeURIComponent(jobId) + "/logs?" + q;
+    return "/api/v1/jobs/" + encodeURIComponent(jobId) + "/logs?" + q;
   }
 
   function poll() {
