@@ -12,15 +12,16 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import treq
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
 from fluster_worker.accelerators import Accelerators, discover
 from fluster_worker.bundles.cache import BundleCache
+from fluster_worker.common.http import quiet_http_client
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
 from fluster_worker.containers.ports import PortAllocator
@@ -63,7 +64,7 @@ class Worker(MultiService):
         *,
         worker_id: str,
         docker_client: DockerClientFactory = default_docker_client,
-        http_client: Any = treq,
+        http_client: Any = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -83,6 +84,10 @@ class Worker(MultiService):
             config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
         )
         self.store = JobStore(config.state_dir / "jobs", self.file_pool)
+        # Bundle downloads: a pool of our own, quiet (no log line per connection).
+        self._http_pool: HTTPConnectionPool | None = None
+        if http_client is None:
+            http_client, self._http_pool = quiet_http_client(reactor, max_per_host=4, idle_timeout_s=30)
         self.bundles = BundleCache(
             reactor, self.file_pool, config.cache_dir, http_client, max_cache_bytes=config.bundle_cache_bytes
         )
@@ -251,6 +256,8 @@ class Worker(MultiService):
             self.log.failure("closing the logs failed")
         if self.registration is not None:
             await self.controller_client.close()
+        if self._http_pool is not None:
+            await self._http_pool.closeCachedConnections()
         for pool in pools:
             await self._stop_one(pool)
 

@@ -89,6 +89,8 @@ class FakeController:
         self.report_error: tuple[int, str] | None = None
         self.controller_address = ""
         self.port: int | None = None
+        #: TCP connections accepted so far (a persistent client reuses one).
+        self.connections = 0
         self._listener: Any = None
         self._connections: WrappingFactory | None = None
 
@@ -145,7 +147,7 @@ class FakeController:
             port = self.port or 0
         site = Site(self.resource())
         site.noisy = False
-        self._connections = WrappingFactory(site)
+        self._connections = _CountingFactory(site, self)
         self._connections.noisy = False
         self._listener = self.reactor.listenTCP(port, self._connections, interface=interface)
         self.port = self._listener.getHost().port
@@ -206,6 +208,16 @@ class FakeController:
         if json_codec:
             return json_format.MessageToJson(response, indent=None).encode()
         return response.SerializeToString()
+
+
+class _CountingFactory(WrappingFactory):
+    def __init__(self, site: Site, fake: FakeController) -> None:
+        super().__init__(site)
+        self._fake = fake
+
+    def registerProtocol(self, p: Any) -> None:
+        self._fake.connections += 1
+        super().registerProtocol(p)
 
 
 def _decode_body(request: Request) -> bytes:

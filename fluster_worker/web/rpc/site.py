@@ -8,6 +8,8 @@ from typing import Any
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from fluster_worker.common.http import quiet_channel
+
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 
 
@@ -54,7 +56,15 @@ def bounded_site(resource: IResource, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     def factory(*args: Any, **kwargs: Any) -> Request:
         return _Request(*args, **kwargs)
 
-    site = Site(resource, requestFactory=factory)
+    site = QuietSite(resource, requestFactory=factory)
     # Twisted prints every request to the log by default; the RPC layer logs what matters.
     site.noisy = False
     return site
+
+
+class QuietSite(Site):
+    """A Site whose connections do not log ``Timing out client`` when an idle
+    keep-alive connection (a controller's, a polling client's) is closed."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return quiet_channel(super().buildProtocol(addr))
