@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+#: Where a host's Python tools are told which CAs to trust, in the order consulted
+#: for the default of ``--ca-bundle``.
+HOST_CA_VARIABLES = ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE")
+
+
+def host_ca_bundle(environ: Mapping[str, str]) -> Path | None:
+    """The CA file the host's Python already trusts: the first of
+    ``HOST_CA_VARIABLES`` that names an existing file; None when none does."""
+    for name in HOST_CA_VARIABLES:
+        value = environ.get(name, "")
+        if value and os.path.isfile(value):
+            return Path(value)
+    return None
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
-from fluster_worker.config import WorkerConfig
+from fluster_worker.config import HOST_CA_VARIABLES, WorkerConfig, host_ca_bundle
 
 _DEFAULTS = WorkerConfig()
+#: Defaults that are not one value, as --help shows them.
+_SHOWN_DEFAULTS = {
+    "ca-bundle": "the first of " + ", ".join(f"${v}" for v in HOST_CA_VARIABLES) + " that names a file, else none",
+}
 
 # (name, short, default, help, parse)
 _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = [
@@ -29,7 +34,7 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
     ("base-image", None, _DEFAULTS.base_image, "Docker image job images are built on.", str),
     ("max-concurrent-jobs", None, str(_DEFAULTS.max_concurrent_jobs), "Jobs building or running at once.", int),
     ("port-range", None, "30000-39999", "Host ports handed to jobs, LOW-HIGH.", str),
-    ("ca-bundle", None, None, "Extra CA bundle (PEM) passed into image builds, e.g. for a TLS proxy.", Path),
+    ("ca-bundle", None, None, "CA bundle (PEM) passed into image builds, e.g. for a TLS proxy; \"\" for none.", Path),
     ("index-url", None, None, "Python package index URL for image builds.", str),
     ("extra-index-url", None, None, "Extra package index URLs, comma separated.", str),
     ("max-body-bytes", None, str(_DEFAULTS.max_body_bytes), "Largest RPC request body.", int),
@@ -65,7 +70,7 @@ class Options(usage.Options):
     # Defaults are applied in postOptions, after the environment, so that
     # "given on the command line" can be told apart from "not given".
     optParameters = [
-        [name, short, None, f"{help_} [default: {default}; env {env_name(name)}]"]
+        [name, short, None, f"{help_} [default: {_SHOWN_DEFAULTS.get(name, default)}; env {env_name(name)}]"]
         for name, short, default, help_, _ in _OPTIONS
     ]
 
@@ -73,6 +78,10 @@ class Options(usage.Options):
         for name, _short, default, _help, _parse in _OPTIONS:
             if self[name] is None:
                 self[name] = os.environ.get(env_name(name), default)
+        if self["ca-bundle"] is None:
+            # What the host's Python already trusts, so builds reach PyPI where pip does.
+            found = host_ca_bundle(os.environ)
+            self["ca-bundle"] = str(found) if found is not None else None
         self.config = to_config(self)
 
 
@@ -152,4 +161,6 @@ def makeService(options: Options) -> IService:
 
     from fluster_worker.worker import assemble
 
+    if options.config.ca_bundle is not None:
+        Logger().info("image builds trust the CA bundle {path}", path=str(options.config.ca_bundle))
     return assemble(options.config, reactor)

@@ -51,3 +51,40 @@ def test_environment_then_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_values_are_usage_errors(argv: tuple[str, ...]) -> None:
     with pytest.raises(usage.UsageError):
         parse(*argv)
+
+
+@pytest.fixture
+def ca_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    for key in ("SSL_CERT_FILE", "PIP_CERT", "REQUESTS_CA_BUNDLE", "FLUSTER_WORKER_CA_BUNDLE"):
+        monkeypatch.delenv(key, raising=False)
+    files = {}
+    for name in ("ssl", "pip", "requests"):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_text("-----BEGIN CERTIFICATE-----\n")
+    return files
+
+
+def test_ca_bundle_defaults_to_what_the_hosts_python_trusts(
+    ca_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert parse().config.ca_bundle is None
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(ca_files["requests"]))
+    assert parse().config.ca_bundle == ca_files["requests"]
+    monkeypatch.setenv("PIP_CERT", str(ca_files["pip"]))
+    assert parse().config.ca_bundle == ca_files["pip"]
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))  # only a file that exists counts
+    assert parse().config.ca_bundle == ca_files["pip"]
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_files["ssl"]))
+    assert parse().config.ca_bundle == ca_files["ssl"]
+
+
+def test_an_explicit_ca_bundle_wins_and_empty_means_none(
+    ca_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_files["ssl"]))
+    assert parse("--ca-bundle", str(ca_files["pip"])).config.ca_bundle == ca_files["pip"]
+    assert parse("--ca-bundle", "").config.ca_bundle is None
+    monkeypatch.setenv("FLUSTER_WORKER_CA_BUNDLE", str(ca_files["requests"]))
+    assert parse().config.ca_bundle == ca_files["requests"]
+    monkeypatch.setenv("FLUSTER_WORKER_CA_BUNDLE", "")
+    assert parse().config.ca_bundle is None

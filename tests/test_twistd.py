@@ -1,5 +1,7 @@
-"""`twistd -n fluster-worker` as a real process: it serves HealthCheck over a real
-socket in both encodings, to the official Connect client, and stops cleanly on SIGTERM."""
+"""`twistd -n fluster-worker` as a real process, run from the project's venv in
+another directory without PYTHONPATH (as the README's recipes do): it serves
+HealthCheck over a real socket in both encodings, to the official Connect
+client, and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -23,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
+def plain_env(**extra: str) -> dict[str, str]:
+    """The environment without PYTHONPATH: the plugin must come from the install."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
 def wait_for(predicate: object, timeout: float, what: str) -> object:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -36,7 +45,7 @@ def wait_for(predicate: object, timeout: float, what: str) -> object:
 @pytest.fixture
 def twistd(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     log = tmp_path / "twistd.log"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FLUSTER_WORKER_STATE_DIR=str(tmp_path / "state"))
+    env = plain_env(FLUSTER_WORKER_STATE_DIR=str(tmp_path / "state"))
     proc = subprocess.Popen(
         [
             TWISTD, "-n", "--pidfile=", f"--logfile={log}", "fluster-worker",
@@ -84,14 +93,14 @@ def test_twistd_serves_health_in_both_encodings_and_stops_on_sigterm(
     assert "Main loop terminated" in text
 
 
-def test_help_documents_every_option() -> None:
+def test_help_documents_every_option_from_any_directory(tmp_path: Path) -> None:
     out = subprocess.run(
         [TWISTD, "fluster-worker", "--help"],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=plain_env(),
         capture_output=True,
         text=True,
         check=True,
-        cwd=ROOT,
+        cwd=tmp_path,
     ).stdout
     for option in (
         "--listen", "--cache-dir", "--state-dir", "--worker-id", "--controller", "--base-image",
