@@ -18,7 +18,7 @@ from fluster_worker.common.jobnames import MAX_JOB_ID_BYTES, job_id_problem, job
 from fluster_worker.jobs import validation
 from fluster_worker.jobs.model import InvalidJobRequest, JobRecord, JobSpec
 from fluster_worker.jobs.store import ERROR_FILE, JobStore
-from fluster_worker.logs.disk import job_directory
+from fluster_worker.logs.layout import job_directory
 from fluster_worker.testing.controller import InlinePool
 
 VALID = [
@@ -146,10 +146,12 @@ def test_read_error_takes_one_bounded_printable_line(tmp_path: Path) -> None:
     result_of(store.prepare("a/b", b"x"))
     out = store.out_dir("a/b")
     assert result_of(store.read_error("a/b")) == ""
-    (out / ERROR_FILE).write_bytes(b"ValueError: boom\n\x1b[31mred\x00 \xff" + b"x" * 5000)
+    (out / ERROR_FILE).write_bytes(b"ValueError: boom\n\x1b[31mred\x00 \xff" + b"x" * 3000)
     text = result_of(store.read_error("a/b"))
     assert isinstance(text, str) and text.startswith("ValueError: boom [31mred ")
     assert "\x1b" not in text and "\x00" not in text and len(text) <= 1000
+    (out / ERROR_FILE).write_bytes(b"x" * 100_000)  # not what the runner writes: ignored
+    assert result_of(store.read_error("a/b")) == ""
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "dir-symlink"])
