@@ -33,7 +33,7 @@ from typing import cast
 
 import docker
 import docker.errors
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 
@@ -219,7 +219,7 @@ class ImageBuilder:
     ) -> BuildResult:
         try:
             inputs = await self._pool.run(self._collect_inputs, project_dir, extras, pip_packages)
-        except BuildError:
+        except (BuildError, CancelledError):  # a cancel is the caller's (a kill), not a failed build
             raise
         except Exception as e:  # the engine unreachable, uv missing, ...
             self.log.failure("collecting the image inputs failed")
