@@ -41,17 +41,17 @@ def device_worker() -> FakeWorker:
 
 def test_api_shows_each_jobs_devices() -> None:
     client = Client(device_worker())
-    jobs = {j["job_id"]: j for j in client.get("/api/jobs").json()["jobs"]}
+    jobs = {j["job_id"]: j for j in client.get("/api/v1/jobs").json()["jobs"]}
     gpu = {"kind": "gpu", "ids": ["0", "1"], "count": 2, "variant": "A100", "topology": ""}
     assert jobs["gpu-job"]["devices"] == gpu
     assert jobs["tpu-job"]["devices"]["ids"] == ["/dev/accel0", "/dev/accel1"]
     assert jobs["waiting-job"]["devices"]["ids"] == [] and jobs["waiting-job"]["status_message"] == "waiting for 2 GPUs"
     assert jobs["cpu-job"]["devices"] is None
-    assert client.get("/api/jobs/gpu-job").json()["devices"]["ids"] == ["0", "1"]
+    assert client.get("/api/v1/jobs/gpu-job").json()["devices"]["ids"] == ["0", "1"]
 
 
 def test_api_stats_show_the_workers_devices() -> None:
-    devices = Client(device_worker()).get("/api/stats").json()["resources"]["devices"]
+    devices = Client(device_worker()).get("/api/v1/stats").json()["resources"]["devices"]
     assert devices["known"] is True
     assert devices["gpu"] == {
         "ids": ["0", "1", "3"], "in_use": ["0", "1"], "waiting": 1, "name": "NVIDIA A100-SXM4-80GB", "variant": "A100",
