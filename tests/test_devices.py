@@ -228,6 +228,28 @@ def test_a_re_adopted_job_holds_its_slot_and_devices_at_once() -> None:
     assert line.devices.gpus.held == {"0"}
 
 
+def test_slots_taken_and_given_back_outside_the_line_count() -> None:
+    line = Line(slots=1)
+    taken = result(line.slots.acquire())  # e.g. a job re-adopted without a ticket
+    waiting = line.enter("cpu")
+    assert not waiting.admitted and line.slots.tokens == 0
+    taken.release()  # given back directly: the line hears of it
+    assert waiting.admitted and line.slots.tokens == 0
+    waiting.leave()
+    assert line.slots.tokens == 1 and not line.slots.waiting
+
+
+def test_a_slot_nobody_in_line_can_use_goes_back() -> None:
+    line = Line(slots=1)
+    taken = result(line.slots.acquire())
+    gpu = line.enter("g", "gpu", 3)
+    line.devices.gpus.hold(["0"])  # its GPUs are busy too
+    taken.release()
+    assert not gpu.admitted and line.slots.tokens == 1  # not kept by the line
+    gpu.leave()
+    assert line.slots.tokens == 1 and not line.slots.waiting and line.admission.waiting == 0
+
+
 def test_re_adopted_jobs_hold_their_devices_again() -> None:
     line = Line(slots=8)
     adopted = JobRecord("old", 0, "w1", JobSpec(device_kind="gpu", device_count=1), 0, devices=["1"])

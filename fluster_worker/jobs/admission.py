@@ -11,7 +11,8 @@ is free nobody is admitted, so a freed slot goes to the earliest job that can
 run: a GPU job whose GPUs are free is never overtaken by a later job.
 
 The slots are the toolkit's DeferredSemaphore (its ``tokens`` say how many are
-free); everything here runs on the reactor thread.
+free), so a job that takes one directly (``acquire``/``release``) counts too;
+everything here runs on the reactor thread.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ class Admission:
         self._line: list[Ticket] = []
         self._pumping = False
         self._devices = devices
+        # While jobs wait and no slot is free, one acquire of ours waits in the
+        # semaphore: whoever gives a slot back (this line or anyone else using
+        # the semaphore) hands it to us, and the line moves. Its token is
+        # ``_spare`` until a job takes it, or goes back if none can.
+        self._pending: Deferred[DeferredSemaphore] | None = None
+        self._spare = False
         for allocator in (devices.gpus, devices.tpus):
             allocator.add_listener(self._pump)
         devices.line = self
@@ -111,10 +118,12 @@ class Admission:
             self._pump()  # it may have been what held the others back
 
     def _release(self, ticket: Ticket) -> None:
+        # Devices first: the freed slot must find them free (a GPU job ahead
+        # gets it, not a later job without devices).
+        if ticket.allocator is not None and ticket.ids:
+            ticket.allocator.release(ticket.ids)
         if ticket.has_slot:
             self._slots.release()
-        if ticket.allocator is not None and ticket.ids:
-            ticket.allocator.release(ticket.ids)  # its listener pumps
         self._pump()
 
     def _pump(self) -> None:
@@ -131,15 +140,42 @@ class Admission:
                     ticket._waiter.errback(outcome)
                 else:
                     ticket._admit(outcome)
+            self._wait_for_a_slot()
         finally:
             self._pumping = False
+
+    def _wait_for_a_slot(self) -> None:
+        if self._spare:  # nobody in line could use it (their devices are busy)
+            self._spare = False
+            self._slots.release()
+        if self._line and self._slots.tokens <= 0 and self._pending is None:
+            self._pending = self._slots.acquire().addCallback(self._got_slot)
+        elif not self._line and self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.addErrback(lambda _: None)
+            pending.cancel()
+
+    def _got_slot(self, token: DeferredSemaphore) -> DeferredSemaphore:
+        self._pending = None
+        self._spare = True
+        self._pump()
+        return token
+
+    def _take_slot(self) -> None:
+        if self._spare:
+            self._spare = False
+        else:
+            self._slots.acquire()  # fires at once: a token is free
+
+    def _has_slot(self) -> bool:
+        return self._spare or self._slots.tokens > 0
 
     def _next(self) -> tuple[Ticket, tuple[str, ...] | DevicesUnavailable] | None:
         """The first ticket that can start, out of the line, with its slot and
         devices taken; None when none can."""
         blocked: set[str] = set()  # device kinds someone earlier waits for
         for ticket in self._line:
-            if self._slots.tokens <= 0:
+            if not self._has_slot():
                 return None
             allocator = ticket.allocator
             ids: tuple[str, ...] = ()
@@ -155,7 +191,7 @@ class Admission:
                     blocked.add(allocator.kind)
                     continue
                 ids = taken
-            self._slots.acquire()  # fires at once: a token is free
+            self._take_slot()
             self._line.remove(ticket)
             return ticket, ids
         return None
