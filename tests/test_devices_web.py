@@ -50,6 +50,13 @@ def test_api_shows_each_jobs_devices() -> None:
     assert client.get("/api/v1/jobs/gpu-job").json()["devices"]["ids"] == ["0", "1"]
 
 
+def test_the_existing_workers_api_shapes_carry_devices_too() -> None:
+    client = Client(device_worker())
+    rows = {j["job_id"]: j for j in client.get("/api/jobs").json()}
+    assert rows["gpu-job"]["devices"]["ids"] == ["0", "1"] and rows["cpu-job"]["devices"] is None
+    assert client.get("/api/jobs/tpu-job").json()["devices"]["ids"] == ["/dev/accel0", "/dev/accel1"]
+
+
 def test_api_stats_show_the_workers_devices() -> None:
     devices = Client(device_worker()).get("/api/v1/stats").json()["resources"]["devices"]
     assert devices["known"] is True

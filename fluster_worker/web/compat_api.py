@@ -7,7 +7,8 @@ Routes (GET, ``application/json``):
   (completed = SUCCEEDED + FAILED + KILLED).
 - ``/api/jobs``: a list of flat job summaries.
 - ``/api/jobs/<id>``: one job with ``ports``, ``resources{...}`` and ``build{...}``;
-  an unknown job is 404 ``{"error": "Not found"}``.
+  an unknown job is 404 ``{"error": "Not found"}``. Jobs also carry ``devices``
+  (ours: the GPUs or TPU a job asked for and holds, or null).
 - ``/api/jobs/<id>/logs?tail=N&source=S``: a list of ``{timestamp, source, data}``
   (the last N lines of source S; all sources without S; every line, up to
   ``MAX_LOG_LINES``, without N); an unknown job is ``[]``.
@@ -32,6 +33,7 @@ from fluster_worker.web.views import (
     WorkerView,
     arg,
     int_arg,
+    job_devices,
     json_error,
     json_response,
     split_suffix,
@@ -84,6 +86,7 @@ def job_row(record: JobRecord) -> dict[str, Any]:
         "disk_mb": u.disk_mb,
         "build_from_cache": b.from_cache,
         "image_tag": b.image_tag,
+        "devices": job_devices(record),  # ours (objects may carry more fields)
     }
 
 
@@ -99,6 +102,7 @@ def job_object(record: JobRecord) -> dict[str, Any]:
         "exit_code": record.exit_code,
         "error": record.error,
         "ports": dict(record.ports),
+        "devices": job_devices(record),  # ours: the GPUs or TPU the job holds, or null
         "resources": {
             "memory_mb": u.memory_mb,
             "memory_peak_mb": u.memory_peak_mb,
