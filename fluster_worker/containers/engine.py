@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 
-__all__ = ["ContainerError", "Engine", "explain"]
+__all__ = ["ContainerError", "Engine", "engine_unreachable", "explain"]
 
 T = TypeVar("T")
 
@@ -35,6 +35,21 @@ def explain(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.ConnectionError):
         return "Docker engine unreachable: " + one_line(str(exc), 200)
     return one_line(str(exc) or type(exc).__name__)
+
+
+def engine_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the engine did
+    not answer at all: no socket, connection refused or reset."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, requests.exceptions.ConnectionError):
+            return True
+        if isinstance(current, ContainerError) and "Docker engine unreachable" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class Engine:

@@ -11,12 +11,24 @@ and after every (re)connect of the stream) the container is inspected for its ex
 code, OOMKilled flag and FinishedAt. A waiter is registered before its first inspect,
 so an exit that happens at any time (even before ``wait`` was called, or while the
 stream was reconnecting) is seen exactly once.
+
+An exit the engine caused is marked (``ExitStatus.engine_stopped``), so that a job
+it ends is not counted as the job's own failure. A stopping engine (without
+live-restore) signals every container (a ``kill`` event we did not ask for), then
+reports their ``die``, then closes the stream. So an exit that follows a kill we
+did not send is held for ``settle_s``: if the stream is lost meanwhile, the engine
+stopped it. An engine that dies without that ceremony (SIGKILL, a crash) kills the
+containers when it starts again: an exit found only after the stream came back,
+that happened after the stream was lost, is the engine's too (unless the engine
+runs with live-restore, which keeps containers running through its restarts).
 """
 
 from __future__ import annotations
 
+import signal as _signal
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 import docker.errors
@@ -28,6 +40,7 @@ from twisted.python.failure import Failure
 from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.waiters import Waiters
 from fluster_worker.containers.engine import ContainerError, Engine, explain
+from fluster_worker.containers.health import EngineHealth
 from fluster_worker.containers.spec import WORKER_ID_LABEL
 from fluster_worker.containers.status import ExitStatus, exit_status
 
@@ -37,6 +50,11 @@ log = Logger()
 
 _RECONNECT = Backoff(initial_s=0.5, max_s=5.0, factor=2.0, jitter=0.0)
 _RECHECK_DELAY = 1.0
+# A kill we sent shows up as a kill event within this time; one we did not send
+# still counts for an exit this long after it (the engine's stop timeout is 10 s).
+_KILL_MEMORY_S = 30.0
+# How long before the stream was lost an exit still counts as the engine's.
+_OUTAGE_MARGIN_MS = 1000
 
 
 class ExitWatcher:
@@ -50,6 +68,9 @@ class ExitWatcher:
         engine: Engine,
         worker_id: str,
         on_release: Callable[[str], None],
+        health: EngineHealth | None = None,
+        *,
+        settle_s: float = 5.0,
     ) -> None:
         self._reactor = reactor
         # The real reactor provides both; the events thread hands its news over.
@@ -67,6 +88,13 @@ class ExitWatcher:
         self.thread: threading.Thread | None = None
         self._stopped: Waiters[None] = Waiters()
         self._rechecks: set[IDelayedCall] = set()
+        self.health = health if health is not None else EngineHealth(reactor)
+        self._settle_s = settle_s
+        # Kills we sent (container -> [(signal number, until)]) and kills we did
+        # not (container -> when): see the module doc.
+        self._expected_kills: dict[str, list[tuple[str, float]]] = {}
+        self._foreign_kills: dict[str, float] = {}
+        self._settling: set[IDelayedCall] = set()
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
@@ -91,10 +119,22 @@ class ExitWatcher:
         self._check_exit(container_id, None)
         return d
 
-    def _check_exit(self, container_id: str, exit_code_hint: int | None) -> None:
+    def expect_kill(self, container_id: str, signal_name: str) -> None:
+        """We are about to signal the container: its kill event is ours."""
+        try:
+            number = str(int(_signal.Signals[signal_name]))
+        except KeyError:
+            return
+        until = self._reactor.seconds() + _KILL_MEMORY_S
+        self._expected_kills.setdefault(container_id, []).append((number, until))
+
+    def _check_exit(
+        self, container_id: str, exit_code_hint: int | None, after_outage: bool = False
+    ) -> None:
         """Inspect the container and release its waiters if it has exited.
         ``exit_code_hint``: the code of a die event, used when the container is
-        already removed by the time we inspect."""
+        already removed by the time we inspect. ``after_outage``: the check runs
+        because the stream came back (see the module doc)."""
 
         def inspect(api: Any) -> dict[str, Any] | None:
             try:
@@ -112,11 +152,11 @@ class ExitWatcher:
                         ContainerError(f"container wait failed: no such container {container_id[:64]}"),
                     )
                 else:
-                    self._release(container_id, ExitStatus(exit_code_hint, False, self._now_ms()))
+                    self._exited(container_id, ExitStatus(exit_code_hint, False, self._now_ms()), False)
                 return
             status = exit_status(state, self._now_ms())
             if status is not None:
-                self._release(container_id, status)
+                self._exited(container_id, status, after_outage)
 
         def failed(f: Failure) -> None:
             # The engine did not answer: try again while someone still waits.
@@ -140,7 +180,35 @@ class ExitWatcher:
         if container_id in self._waiters and self.state == "running":
             self._check_exit(container_id, exit_code_hint)
 
+    def _exited(self, container_id: str, status: ExitStatus, after_outage: bool) -> None:
+        outage = self.health.outage
+        if (
+            after_outage
+            and outage is not None
+            and not self.health.live_restore
+            and status.finished_at_ms >= outage.start_ms - _OUTAGE_MARGIN_MS
+        ):
+            self._release(container_id, replace(status, engine_stopped=True))
+            return
+        killed_at = self._foreign_kills.get(container_id)
+        if killed_at is None or self._reactor.seconds() - killed_at > _KILL_MEMORY_S:
+            self._release(container_id, status)
+            return
+        # Stopped by someone else: the engine, if its stream goes away now.
+        breaks = self.health.breaks
+        call = self._reactor.callLater(self._settle_s, self._settled, container_id, status, breaks)
+        self._settling.add(call)
+
+    def _settled(self, container_id: str, status: ExitStatus, breaks: int) -> None:
+        self._settling = {c for c in self._settling if c.active()}
+        if self.state != "running":
+            return
+        engine = self.health.breaks != breaks or not self.health.up
+        self._release(container_id, replace(status, engine_stopped=engine) if engine else status)
+
     def _release(self, container_id: str, status: ExitStatus) -> None:
+        self._foreign_kills.pop(container_id, None)
+        self._expected_kills.pop(container_id, None)
         self._on_release(container_id)
         for d in self._waiters.pop(container_id, []):
             d.callback(status)
@@ -173,10 +241,11 @@ class ExitWatcher:
                 stream, self._stream = self._stream, None
             if stream is not None:
                 _close_quietly(stream)
-            for call in self._rechecks:
+            for call in self._rechecks | self._settling:
                 if call.active():
                     call.cancel()
             self._rechecks.clear()
+            self._settling.clear()
             for container_id in list(self._waiters):
                 self.fail_waiters(
                     container_id,
@@ -189,11 +258,21 @@ class ExitWatcher:
         self.state = "stopped"
         self._stopped.fire(None)
 
-    def _subscribed(self) -> None:
+    def _subscribed(self, live_restore: bool) -> None:
         """The stream is (re)connected: exits missed while it was down show up in a
         fresh inspect of every container still waited for."""
+        after_outage = self.health.outage is not None and not self.health.outage.end_ms
+        self.health.connected(live_restore)
         for container_id in list(self._waiters):
-            self._check_exit(container_id, None)
+            self._check_exit(container_id, None, after_outage)
+
+    def _connect_failed(self, reason: str) -> None:
+        if self.state == "running":
+            self.health.connect_failed(reason)
+
+    def _stream_lost(self) -> None:
+        if self.state == "running":
+            self.health.stream_lost()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if self.state != "running":
@@ -201,13 +280,33 @@ class ExitWatcher:
         action = event.get("Action") or event.get("status")
         actor = event.get("Actor") or {}
         container_id = actor.get("ID") or event.get("id")
+        attributes = actor.get("Attributes") or {}
+        if action == "kill" and isinstance(container_id, str):
+            self._kill_seen(container_id, str(attributes.get("signal", "")))
+            return
         if action != "die" or container_id not in self._waiters:
             return
         try:
-            hint: int | None = int((actor.get("Attributes") or {}).get("exitCode", ""))
+            hint: int | None = int(attributes.get("exitCode", ""))
         except (TypeError, ValueError):
             hint = None
         self._check_exit(container_id, hint)
+
+    def _kill_seen(self, container_id: str, number: str) -> None:
+        now = self._reactor.seconds()
+        expected = [(n, until) for n, until in self._expected_kills.get(container_id, []) if until >= now]
+        for i, (n, _) in enumerate(expected):
+            if n == number:
+                del expected[i]
+                break
+        else:
+            self._foreign_kills[container_id] = now
+        if expected:
+            self._expected_kills[container_id] = expected
+        else:
+            self._expected_kills.pop(container_id, None)
+        for cid in [c for c, at in self._foreign_kills.items() if now - at > _KILL_MEMORY_S]:
+            del self._foreign_kills[cid]
 
     def _log_from_thread(self, text: str, **fields: object) -> None:
         self._from_threads.callFromThread(lambda: log.warn(text, **fields))
@@ -218,7 +317,7 @@ class ExitWatcher:
         failures = 0
         filters = {
             "type": "container",
-            "event": ["die"],
+            "event": ["die", "kill"],
             "label": f"{WORKER_ID_LABEL}={self.worker_id}",
         }
         try:
@@ -226,11 +325,12 @@ class ExitWatcher:
                 try:
                     stream = self._engine.api().events(decode=True, filters=filters)
                 except Exception as e:
-                    self._log_from_thread(
-                        "docker events: connect failed ({error}); retrying in {delay}s",
-                        error=explain(e),
-                        delay=_RECONNECT.base(failures),
-                    )
+                    if failures == 0:
+                        self._log_from_thread(
+                            "docker events: connect failed ({error}); retrying with backoff",
+                            error=explain(e),
+                        )
+                    self._from_threads.callFromThread(self._connect_failed, explain(e))
                     self._stop_event.wait(_RECONNECT.base(failures))
                     failures += 1
                     continue
@@ -240,7 +340,7 @@ class ExitWatcher:
                         break
                     self._stream = stream
                 failures = 0
-                self._from_threads.callFromThread(self._subscribed)
+                self._from_threads.callFromThread(self._subscribed, self._live_restore())
                 try:
                     for event in stream:
                         if isinstance(event, dict):
@@ -252,10 +352,20 @@ class ExitWatcher:
                     self._stream = None
                 _close_quietly(stream)
                 if not self._stop_event.is_set():
+                    self._from_threads.callFromThread(self._stream_lost)
                     self._log_from_thread("docker events: stream ended; reconnecting")
                     self._stop_event.wait(_RECONNECT.base(failures))
         finally:
             self._from_threads.callFromThread(self._events_thread_ended)
+
+
+    def _live_restore(self) -> bool:
+        """Events thread: whether the engine keeps containers running through its
+        restarts (False when it cannot say)."""
+        try:
+            return bool(self._engine.api().info().get("LiveRestoreEnabled"))
+        except Exception:
+            return False
 
 
 def _close_quietly(stream: Any) -> None:

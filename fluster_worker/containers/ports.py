@@ -156,6 +156,11 @@ class PortAllocator:
         self._held.update(chosen)
         return dict(zip(names, chosen, strict=True))
 
+    def reserve(self, ports: Iterable[int]) -> None:
+        """Hold ports already in use by a job (one a restarted worker re-adopts), so
+        they are not handed out again; ports outside the range are held too."""
+        self._held.update(ports)
+
     def release(self, ports: Iterable[int]) -> None:
         """Give ports back; ports not held (already released) are ignored."""
         for port in ports:

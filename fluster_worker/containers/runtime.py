@@ -33,6 +33,8 @@ from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.containers.engine import ContainerError, Engine
 from fluster_worker.containers.events import ExitWatcher
+from fluster_worker.containers.health import EngineHealth
+from fluster_worker.containers.inventory import ContainerInfo, container_infos
 from fluster_worker.containers.spec import (
     ATTEMPT_ID_LABEL,
     JOB_ID_LABEL,
@@ -47,6 +49,8 @@ from fluster_worker.containers.status import ExitStatus, SampleState, UsageSampl
 
 __all__ = [
     "ATTEMPT_ID_LABEL",
+    "ContainerInfo",
+    "EngineHealth",
     "JOB_ID_LABEL",
     "WORKER_ID_LABEL",
     "ContainerError",
@@ -89,7 +93,8 @@ class ContainerRuntime(Service):
         self._graces: dict[str, _Grace] = {}
         # Exit waiters and the events thread; its state is the service's:
         # "stopped" -> "running" -> "stopping" -> "stopped".
-        self._exits = ExitWatcher(reactor, self._engine, worker_id, self._forget_sample)
+        self.health = EngineHealth(reactor)
+        self._exits = ExitWatcher(reactor, self._engine, worker_id, self._forget_sample, self.health)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -172,6 +177,7 @@ class ContainerRuntime(Service):
         that is gone or not running is not an error."""
         if sig not in _signal.Signals.__members__:
             return fail(ValueError(f"unknown signal {sig[:20]!r}"))
+        self._exits.expect_kill(container_id, sig)
         return self._call(f"container {sig}", _kill, container_id, sig).addCallback(
             lambda _: None
         )
@@ -216,6 +222,15 @@ class ContainerRuntime(Service):
                 all=True, filters={"label": f"{WORKER_ID_LABEL}={self.worker_id}"}
             )
             return [c["Id"] for c in found]
+
+        return self._call("container list", list_)
+
+    def inventory(self) -> Deferred[list[ContainerInfo]]:
+        """Every container labelled with this worker id, with its job labels and state."""
+
+        def list_(api: Any) -> list[ContainerInfo]:
+            found = api.containers(all=True, filters={"label": f"{WORKER_ID_LABEL}={self.worker_id}"})
+            return container_infos(found)
 
         return self._call("container list", list_)
 
@@ -302,7 +317,12 @@ class ContainerRuntime(Service):
 
         return Deferred.fromCoroutine(resolve_then_wait())
 
-    def terminate(self, container_id: str, grace_seconds: float) -> Deferred[ExitStatus]:
+    def terminate(
+        self,
+        container_id: str,
+        grace_seconds: float,
+        on_sigterm: Callable[[bool], None] | None = None,
+    ) -> Deferred[ExitStatus]:
         """SIGTERM, then SIGKILL if still alive after ``grace_seconds`` (a reactor
         timer, cancelled when the container exits first); fires with the ExitStatus once
         the container is dead, at once if it already was. A container that was created
@@ -310,7 +330,10 @@ class ContainerRuntime(Service):
 
         While a termination is under way, another ``terminate`` sends no second
         SIGTERM: it only brings the SIGKILL forward when its grace ends sooner (a
-        later kill with a shorter grace, or a worker stop, shortens the wait)."""
+        later kill with a shorter grace, or a worker stop, shortens the wait).
+        ``on_sigterm(delivered)`` runs once the SIGTERM call returned: ``delivered``
+        says whether it reached the container running (not exited already); a
+        call that only shortens a grace has no SIGTERM of its own, and no answer."""
 
         if self._state != "running":
             return fail(
@@ -326,8 +349,11 @@ class ContainerRuntime(Service):
         async def run() -> ExitStatus:
             exited = self.wait(container_id)  # registered before the signal: no race
             try:
-                delivered = await self._call("container SIGTERM", _kill, container_id, "SIGTERM")
-                if not delivered and not exited.called:
+                self._exits.expect_kill(container_id, "SIGTERM")
+                sent = await self._call("container SIGTERM", _kill, container_id, "SIGTERM")
+                if on_sigterm is not None:
+                    on_sigterm(sent)
+                if not sent and not exited.called:
                     # Not running: exited (the waiter sees it) or never started.
                     info = await self._call(
                         "container inspect", lambda api: api.inspect_container(container_id)

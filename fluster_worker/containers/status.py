@@ -22,6 +22,9 @@ class ExitStatus:
     exit_code: int
     oom_killed: bool
     finished_at_ms: int
+    # The engine stopped the container (it was shutting down or restarting):
+    # the exit is not the job's doing (see containers/events.py).
+    engine_stopped: bool = False
 
 
 @dataclass(frozen=True)
