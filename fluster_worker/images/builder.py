@@ -16,20 +16,24 @@ States of one tag, all on the reactor thread:
   the removal, then rebuilds.
 
 Cancelling the Deferred of `build()` (a job killed while building) detaches that
-caller only: it gets CancelledError and no more log lines. The docker build goes
-on in its pool thread (docker-py cannot abort it) and its image stays cached.
+caller only: it gets CancelledError and no more log lines. When no caller is left,
+the build is aborted: the entry goes (a later caller starts afresh), the build
+stops before its docker build starts, or its docker build's connection is shut
+down (the engine then cancels the build) and its pool thread returns. The same
+happens to every build at worker shutdown (`abort_builds`).
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import docker
 import docker.errors
@@ -96,14 +100,27 @@ class _InFlight:
 
     tag: str
     waiters: list[tuple[Deferred[bool], Callable[[str], None]]] = field(default_factory=list)
+    # Called when the last waiter detaches.
+    abandoned: Callable[[_InFlight], None] = lambda build: None
+    aborted: threading.Event = field(default_factory=threading.Event)
+    # The HTTP response of its docker build once there is one (set on the pool thread).
+    response: Any = None
 
     def attach(self, log: Callable[[str], None]) -> Deferred[bool]:
         def detach(d: Deferred[bool]) -> None:
             self.waiters[:] = [(w, f) for (w, f) in self.waiters if w is not d]
+            if not self.waiters:
+                self.abandoned(self)
 
         d: Deferred[bool] = Deferred(canceller=detach)
         self.waiters.append((d, log))
         return d
+
+    def abort(self) -> None:
+        """Stop the build: at its next step, or now by shutting down the connection
+        its docker build streams on (the pool thread's read then returns)."""
+        self.aborted.set()
+        _shut_down(self.response)
 
     def emit(self, lines: Sequence[str]) -> None:
         for line in lines:
@@ -179,6 +196,8 @@ class ImageBuilder:
         # Set at shutdown: running builds stop at their next output line, so a
         # stopping worker does not wait for a long dependency install to finish.
         self._stopping = threading.Event()
+        # The build a pool thread is running (for the response hook, see _docker).
+        self._local = threading.local()
         self._images = ImageGC(
             reactor,
             pool,
@@ -227,7 +246,7 @@ class ImageBuilder:
         tag = inputs.tag
         build = self._inflight.get(tag)
         if build is None:
-            build = self._inflight[tag] = _InFlight(tag)
+            build = self._inflight[tag] = _InFlight(tag, abandoned=self._abandoned)
             waiter = build.attach(log)
             Deferred.fromCoroutine(self._run_build(build, inputs))
         else:
@@ -244,6 +263,8 @@ class ImageBuilder:
             if await self._pool.run(self._image_exists, tag):
                 build.emit([f"using cached image {tag}"])
                 result = True
+            elif build.aborted.is_set():
+                raise BuildError("image build aborted: no job waits for it")
             else:
                 build.emit([f"building image {tag}"])
                 start = self._reactor.seconds()
@@ -261,8 +282,17 @@ class ImageBuilder:
         except Exception as e:
             self.log.failure("image build of {tag} crashed", tag=tag)
             result = BuildError(f"image build failed: {one_line(e)}")
-        del self._inflight[tag]
+        if self._inflight.get(tag) is build:
+            del self._inflight[tag]
         build.finish(result)
+
+    def _abandoned(self, build: _InFlight) -> None:
+        """No caller waits for the build any more: abort it, and let a later
+        caller of the same tag start a build of its own."""
+        if self._inflight.get(build.tag) is build:
+            del self._inflight[build.tag]
+        self.log.info("aborting the image build of {tag}: no job waits for it", tag=build.tag)
+        build.abort()
 
     def _collect_inputs(self, project_dir: Path, extras: list[str], pip_packages: list[str]) -> BuildInputs:
         """Blocking: reads the project files and asks the engine for the base id."""
@@ -343,7 +373,17 @@ class ImageBuilder:
             if lines:
                 cast(IReactorFromThreads, self._reactor).callFromThread(build.emit, lines)
 
+        def stopped() -> BuildError | None:
+            if self._stopping.is_set():
+                return BuildError("image build aborted: the worker is shutting down")
+            if build.aborted.is_set():
+                return BuildError("image build aborted: no job waits for it")
+            return None
+
+        self._local.build = build
         try:
+            if (error := stopped()) is not None:
+                raise error
             stream = self._docker().api.build(
                 path=str(context),
                 tag=inputs.tag,
@@ -353,12 +393,14 @@ class ImageBuilder:
                 pull=False,
                 labels=inputs.labels(),
             )
+            if build.aborted.is_set():
+                _shut_down(build.response)  # aborted while the request was being sent
             for chunk in stream:
-                if self._stopping.is_set():
+                if (error := stopped()) is not None:
                     # Dropping the stream closes the connection; the engine then
                     # cancels the build.
                     stream.close()
-                    raise BuildError("image build aborted: the worker is shutting down")
+                    raise error
                 if "stream" in chunk:
                     emit(output.feed(str(chunk["stream"])))
                 elif "error" in chunk or "errorDetail" in chunk:
@@ -369,11 +411,17 @@ class ImageBuilder:
                 elif "status" in chunk:
                     emit([str(chunk["status"])])
             emit(output.flush())
+            if (error := stopped()) is not None:
+                raise error  # the connection was shut down under the stream
         except BuildError:
             raise
         except Exception as e:  # docker-py and requests errors alike
+            if (error := stopped()) is not None:
+                raise error from e
             raise BuildError(f"image build failed: docker engine: {one_line(e)}") from e
         finally:
+            self._local.build = None
+            build.response = None
             shutil.rmtree(context, ignore_errors=True)
         if not self._image_exists(inputs.tag):
             raise BuildError(f"image build failed: {inputs.tag} missing after the build")
@@ -386,8 +434,11 @@ class ImageBuilder:
         return self._images.lease(tag)
 
     def abort_builds(self) -> None:
-        """Worker shutdown: make running builds give up at their next output line."""
+        """Worker shutdown: make running builds give up now (their connections are
+        shut down) or at their next step."""
         self._stopping.set()
+        for build in list(self._inflight.values()):
+            build.abort()
 
     def gc(self) -> Deferred[list[str]]:
         """Remove job images, oldest-unused first, until at most max_images and
@@ -401,7 +452,20 @@ class ImageBuilder:
         with self._client_lock:
             if self._client is None:
                 self._client = self._client_factory()
+                # The client is a requests Session: a response hook hands each
+                # docker build its own HTTP response, so that an abort can shut
+                # its connection down from the reactor thread.
+                hooks = getattr(self._client.api, "hooks", None)
+                if isinstance(hooks, dict):
+                    hooks.setdefault("response", []).append(self._note_response)
             return self._client
+
+    def _note_response(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        build = getattr(self._local, "build", None)
+        if build is not None and "/build" in str(getattr(response, "url", "")):
+            build.response = response
+            if build.aborted.is_set():
+                _shut_down(response)
 
     def _uv(self) -> tuple[Path, str]:
         """Blocking, cached: the uv binary copied into images and its version."""
@@ -424,3 +488,22 @@ class ImageBuilder:
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
+
+
+def _shut_down(response: Any) -> None:
+    """Shut down the socket under a streaming HTTP response (any thread): a read
+    blocked on it returns. Best effort: nothing when it cannot be found."""
+    if response is None:
+        return
+    raw = getattr(response, "raw", None)
+    connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        fp = getattr(raw, "_fp", None)
+        sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
