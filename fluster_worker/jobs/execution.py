@@ -1,74 +1,72 @@
-"""One job's run: bundle -> image -> container -> logs -> final state.
+"""One job's run: bundle -> image -> container -> supervision -> final state.
 
-``JobExecution.run`` is a coroutine driven by Deferreds; it never blocks. A
-kill is a request that each step honours: while waiting for a slot, the bundle
-or the image, the wait is abandoned and no container is ever created; once a
-container exists, it is terminated (SIGTERM, grace, SIGKILL) and the normal
-exit path records KILLED.
+``JobExecution.start`` runs a job from its entry point (a new job, or one a
+restarted worker puts back in line); ``adopt`` takes over a container a previous
+worker process started (jobs/supervision.py watches it either way). Both are
+coroutines driven by Deferreds; they never block.
+
+A kill is a request that each step honours: while waiting for a slot, the
+engine, the bundle or the image, the wait is abandoned (an image build nobody
+else waits for is aborted) and no container is ever created; once a container
+runs, it is stopped and the outcome is decided when it exits (outcome.py).
+``detach`` (the worker stops and leaves its jobs running) abandons the waits the
+same way but decides nothing: the record stays as it is on disk, for the next
+worker process.
+
+The end, in this order: the outcome is decided; the logs are drained and
+closed; the terminal record is saved; only then is the container removed (so a
+worker that dies in between finds the container and its exit again, and reaches
+the same outcome); then the terminal state is shown and reported. A record that
+cannot be saved (a full disk) is retried by the store, and the container stays
+until it is saved.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
-from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
+from fluster_worker.bundles.cache import BundleError, BundleLease
 from fluster_worker.common.jobnames import job_key
 from fluster_worker.common.safe_files import UnsafeFile
+from fluster_worker.common.text import one_line
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.devices import DevicesUnavailable
-from fluster_worker.containers.runtime import ContainerError, ContainerRuntime, ContainerSpec, Mount, container_name
-from fluster_worker.images.builder import BuildError, ImageBuilder
+from fluster_worker.containers.engine import engine_unreachable
+from fluster_worker.containers.runtime import ContainerError, ContainerInfo, ContainerSpec, Mount, container_name
+from fluster_worker.images.builder import BuildError
 from fluster_worker.images.dockerfile import (
     CONTAINER_APP_DIR,
     CONTAINER_ENTRYPOINT_PATH,
     CONTAINER_OUT_DIR,
     runner_command,
 )
-from fluster_worker.jobs.admission import Admission
-from fluster_worker.jobs.devices import JobDevices
-from fluster_worker.jobs.model import JobRecord, JobState
-from fluster_worker.jobs.store import JobStore
-from fluster_worker.logs import JobLog, LogFollower
+from fluster_worker.jobs.admission import Ticket
+from fluster_worker.jobs.model import JobRecord, JobState, StopRequest
+from fluster_worker.jobs.outcome import KILLED_BY_REQUEST, Outcome
+from fluster_worker.jobs.supervision import Detached, Supervisor
+from fluster_worker.jobs.toolkit import Toolkit
+from fluster_worker.logs import JobLog
+
+__all__ = ["CONTAINER_WORKDIR", "JobExecution", "Toolkit"]
 
 T = TypeVar("T")
 
 CONTAINER_WORKDIR = "/workdir"
 
 
-@dataclass
-class Toolkit:
-    """What a job run needs from the worker, injected by the JobManager."""
-
-    reactor: IReactorTime
-    store: JobStore
-    bundles: BundleCache
-    builder: ImageBuilder
-    runtime: ContainerRuntime
-    open_log: Callable[[str], JobLog]
-    make_follower: Callable[[JobLog, str], LogFollower]
-    slots: DeferredSemaphore
-    container_env: Callable[[JobRecord], dict[str, str]]
-    changed: Callable[[JobRecord], None]
-    default_kill_grace: float = 5.0
-    usage_interval: float = 5.0
-    labels: dict[str, str] = field(default_factory=dict)
-    devices: JobDevices = field(default_factory=JobDevices)
-    # The line for a slot and devices, shared by every job (made from the two).
-    admission: Admission | None = None
-
-    def __post_init__(self) -> None:
-        if self.admission is None:
-            self.admission = Admission(self.slots, self.devices)
-
-
 class _Killed(Exception):
+    pass
+
+
+class _Detached(Exception):
+    pass
+
+
+class _Refused(Exception):
     pass
 
 
@@ -76,26 +74,47 @@ class JobExecution:
     log = Logger()
 
     def __init__(self, record: JobRecord, entrypoint: bytes, kit: Toolkit) -> None:
+        """``entrypoint``: written to the job's directory first if given; b"" when
+        it is on disk already (the manager writes it before answering RunJob)."""
         self.record = record
         self._entrypoint = entrypoint
         self._kit = kit
-        self._kill_requested = False
-        self._kill_grace = kit.default_kill_grace
-        # Cancellers of what the pipeline is waiting for (a slot, the bundle, the image).
-        self._kill_hooks: list[Callable[[], None]] = []
+        self._stop: StopRequest | None = None
+        self._detaching = False
+        # Cancellers of what the pipeline is waiting for (a slot, the engine, the bundle, the image).
+        self._hooks: list[Callable[[], None]] = []
         self._done: Once[JobRecord] = Once()
-        self._timed_out = False
         self._container_id = ""
-        self._outcome: tuple[JobState, str, int | None] | None = None
-        self._final_state = JobState.KILLED
-        self._kill_error = "Killed by request"
+        self._supervisor: Supervisor | None = None
+        self._outcome: Outcome | None = None
+        # Its place in line for a slot and devices (admission.py), then what it holds.
+        self._ticket: Ticket | None = None
+        self._lease: BundleLease | None = None
+        self._release_image: Callable[[], None] | None = None
+        self._accepted: Deferred[None] | None = None
         self.job_log: JobLog | None = None
+        #: The job could not be written to disk: it was never accepted.
+        self.refused = False
 
     # -- what the manager calls ------------------------------------------------
 
-    def start(self) -> Deferred[None]:
-        self.job_log = self._kit.open_log(self.record.job_id)
-        return Deferred.fromCoroutine(self._run())
+    def start(self, accepted: Deferred[None] | None = None) -> Deferred[None]:
+        """Run the job from its entry point. Its place in line is taken now,
+        before anything waits: jobs start in the order they were started.
+        ``accepted``: the job is on disk (the manager's write); if that fails the
+        job is refused: it ends without a state change (``refused``)."""
+        assert self._kit.admission is not None
+        self._ticket = self._kit.admission.enter(self.record.spec)
+        self._accepted = accepted
+        return Deferred.fromCoroutine(self._run(None))
+
+    def adopt(self, container: ContainerInfo) -> Deferred[None]:
+        """Take over a container a previous worker process started for this job.
+        It runs already, so it takes a slot (and its devices again) without
+        waiting in line."""
+        assert self._kit.admission is not None
+        self._ticket = self._kit.admission.adopt(self.record.spec, self.record.devices)
+        return Deferred.fromCoroutine(self._run(container))
 
     def done(self) -> Deferred[JobRecord]:
         """A new Deferred that fires with the record once the job is terminal."""
@@ -105,145 +124,162 @@ class JobExecution:
         self,
         grace_seconds: float,
         state: JobState = JobState.KILLED,
-        error: str = "Killed by request",
+        error: str = KILLED_BY_REQUEST,
     ) -> Deferred[JobRecord]:
         """Stop the job: it ends in ``state`` (KILLED, or WORKER_FAILED when the
-        worker shuts down) once its container, if any, is dead. The first kill
-        decides the outcome; a later one with a shorter grace shortens the wait."""
-        if not self._kill_requested:
-            self._kill_requested = True
-            self._kill_grace = grace_seconds
-            self._final_state = state
-            self._kill_error = error
-            for cancel in list(self._kill_hooks):
+        worker drains at shutdown) unless its container exits first. The first
+        stop decides the outcome; a later one with a shorter grace shortens the wait."""
+        stop = StopRequest(state.name, error, self._now_ms(), int(grace_seconds * 1000))
+        if self._supervisor is not None:
+            self._supervisor.stop(stop)
+        elif self._stop is not None:
+            self._stop.grace_ms = min(self._stop.grace_ms, stop.grace_ms)
+        elif self._outcome is None:
+            self._stop = stop
+            self.record.stop = stop
+            self._kit.changed(self.record)
+            for cancel in list(self._hooks):
                 cancel()
-            if self._container_id and self.record.state is JobState.RUNNING:
-                self._terminate(grace_seconds)
-        elif grace_seconds < self._kill_grace:
-            self._kill_grace = grace_seconds
-            if self._container_id and self.record.state is JobState.RUNNING:
-                self._terminate(grace_seconds)  # the runtime brings its SIGKILL forward
         return self.done()
 
-    # -- the pipeline ----------------------------------------------------------
+    def detach(self) -> None:
+        """Stop watching the job and leave it as it is (the worker stops)."""
+        if self._detaching or self._outcome is not None:
+            return
+        self._detaching = True
+        if self._supervisor is not None:
+            self._supervisor.detach()
+        for cancel in list(self._hooks):
+            cancel()
 
-    async def _run(self) -> None:
-        kit, rec = self._kit, self.record
-        lease: BundleLease | None = None
-        release_image: Callable[[], None] | None = None
-        # Take a place in line now, before any await: jobs start in arrival order
-        # (admission.py), with a slot and their GPUs or TPU held until the end.
-        assert kit.admission is not None
-        ticket = kit.admission.enter(rec.spec)
+    # -- the run ---------------------------------------------------------------
+
+    async def _run(self, adopted: ContainerInfo | None) -> None:
         try:
+            self.job_log = self._kit.open_log(self.record.job_id)
+            if adopted is None:
+                await self._prepare_and_start()
+            else:
+                self._take_over(adopted)
+            assert self._supervisor is not None
+            self._outcome = await self._supervisor.run()
+        except (Detached, _Detached):
+            pass
+        except _Refused:
+            self.refused = True
+        except _Killed:
+            self._outcome = self._stopped()
+        except Exception as e:
+            self._outcome = self._failure(e)
+        finally:
+            await self._end()
+
+    async def _prepare_and_start(self) -> None:
+        kit, rec = self._kit, self.record
+        ticket = self._ticket
+        assert ticket is not None
+        if self._entrypoint:
             await kit.store.prepare(rec.job_id, self._entrypoint)
             self._entrypoint = b""  # on disk now; the worker keeps no copy
-            if not ticket.admitted and rec.spec.device_kind:
-                self._phase(kit.devices.waiting_message(rec.spec))
-            devices = await self._unless_killed(ticket.wait())
-            rec.devices = list(devices)
-            self._move(JobState.BUILDING, "downloading bundle")
-            if rec.spec.bundle_url:
-                lease = await self._unless_killed(
-                    kit.bundles.acquire(rec.spec.bundle_url, log=self._build_line)
-                )
-            self._phase("building image")
-            build = await self._unless_killed(
-                kit.builder.build(
-                    lease.bundle.path if lease else kit.store.app_dir(rec.job_id),
-                    rec.spec.extras,
-                    rec.spec.pip_packages,
-                    self._build_line,
-                )
+        if self._accepted is not None:
+            try:
+                await self._accepted
+            except Exception as e:
+                raise _Refused() from e
+            self._check_stop()
+        if not ticket.admitted and rec.spec.device_kind:
+            self._phase(kit.devices.waiting_message(rec.spec))
+        devices = await self._unless_stopped(ticket.wait())
+        rec.devices = list(devices)
+        await self._unless_stopped(kit.engine_ready())
+        self._move(JobState.BUILDING, "downloading bundle")
+        if rec.spec.bundle_url:
+            self._lease = await self._unless_stopped(kit.bundles.acquire(rec.spec.bundle_url, log=self._build_line))
+        self._phase("building image")
+        lease = self._lease
+        build = await self._unless_stopped(
+            kit.builder.build(
+                lease.bundle.path if lease else kit.store.app_dir(rec.job_id),
+                rec.spec.extras,
+                rec.spec.pip_packages,
+                self._build_line,
             )
-            rec.build.started_ms = build.started_ms
-            rec.build.finished_ms = build.finished_ms
-            rec.build.from_cache = build.from_cache
-            rec.build.image_tag = build.tag
-            release_image = kit.builder.lease(build.tag)
-            self._phase("preparing container")
-            await self._unless_killed(kit.store.fill_app(rec.job_id, lease.bundle.path if lease else None))
-            # Creating is not abandoned midway: a container created after a kill
-            # would leak. The kill is checked again right after.
-            self._container_id = await kit.runtime.create(self._container_spec(build.tag))
-            rec.container_id = self._container_id
-            if self._kill_requested:
-                raise _Killed()
-            assert self.job_log is not None
-            follower = kit.make_follower(self.job_log, self._container_id)
-            await kit.runtime.start(self._container_id)
-            follow_done = follower.follow()
-            self._move(JobState.RUNNING, "running")
-            await self._supervise(follow_done)
-        except _Killed:
-            self._finish(self._final_state, error=self._kill_error)
-        except (BundleError, BuildError, ContainerError, DevicesUnavailable) as e:
-            self._fail(str(e))
-        except Exception as e:
-            self.log.failure("job {job_id} failed inside the worker", job_id=rec.job_id)
-            self._fail(f"worker error: {type(e).__name__}: {e}")
-        finally:
-            if self._container_id:
-                await self._remove_container()
-            if release_image is not None:
-                release_image()
-            if lease is not None:
-                lease.release()
-            ticket.leave()  # the slot and devices, or the place in line
-            await self._close_log()
-            self._publish()
-            self._done.fire(self.record)
-
-    async def _supervise(self, follow_done: Deferred[None]) -> None:
-        kit, rec = self._kit, self.record
-        exited = kit.runtime.wait(self._container_id)
-        timer: IDelayedCall | None = None
-        if rec.spec.timeout_seconds > 0:
-            timer = kit.reactor.callLater(rec.spec.timeout_seconds, self._timeout)
-        sampler = LoopingCall(self._sample)
-        sampler.clock = kit.reactor
-        sampler.start(kit.usage_interval, now=False).addErrback(
-            lambda f: self.log.failure("usage sampling failed", f)
         )
-        if self._kill_requested:
-            self._terminate(self._kill_grace)
-        try:
-            status = await exited
-        finally:
-            if timer is not None and timer.active():
-                timer.cancel()
-            sampler.stop()
-        # The container is removed only after its final lines are stored.
-        try:
-            await follow_done
-        except Exception as e:
-            # The job's outcome stands; say what happened to its logs.
-            self.log.failure("collecting the logs of {job_id} failed", job_id=rec.job_id)
-            self._log("error", f"log collection failed: {type(e).__name__}: {e}")
-        rec.exit_code = status.exit_code
-        refused = await self._check_result()
-        if self._kill_requested:
-            self._finish(self._final_state, error=self._kill_error, exit_code=status.exit_code)
-        elif self._timed_out:
-            self._fail("Timeout exceeded", exit_code=status.exit_code)
-        elif status.oom_killed:
-            limit = rec.spec.memory or "its limit"
-            self._fail(
-                f"Out of memory: the job exceeded its memory limit ({limit}) and was OOM-killed "
-                f"(exit code {status.exit_code})",
-                exit_code=status.exit_code,
-            )
-        elif status.exit_code != 0:
-            # "Exit code: N" first (what existing peers look for), then why, if the runner said.
-            reason = await kit.store.read_error(rec.job_id)
-            error = f"Exit code: {status.exit_code}" + (f": {reason}" if reason else "")
-            self._fail(error, exit_code=status.exit_code)
-        elif refused:
-            self._fail(refused, exit_code=status.exit_code)
-        else:
-            self._finish(JobState.SUCCEEDED)
-        if refused and self._outcome is not None and self._outcome[1] != refused:
-            self._log("error", refused)  # it ended otherwise; still say what it left
+        rec.build.started_ms = build.started_ms
+        rec.build.finished_ms = build.finished_ms
+        rec.build.from_cache = build.from_cache
+        rec.build.image_tag = build.tag
+        self._release_image = kit.builder.lease(build.tag)
+        self._phase("preparing container")
+        await self._unless_stopped(kit.store.fill_app(rec.job_id, lease.bundle.path if lease else None))
+        # Creating is not abandoned midway: a container created after a kill
+        # would leak. The kill is checked again right after.
+        self._container_id = await kit.runtime.create(self._container_spec(build.tag))
+        rec.container_id = self._container_id
+        self._check_stop()
+        assert self.job_log is not None
+        supervisor = Supervisor(rec, self._container_id, kit, self.job_log)
+        await kit.runtime.start(self._container_id)
+        self._supervisor = supervisor
+        if self._detaching:
+            supervisor.detach()
+        if self._stop is not None and rec.stop is None:
+            rec.stop = self._stop
+        now = self._now_ms()
+        if rec.spec.timeout_seconds > 0:
+            rec.deadline_ms = now + rec.spec.timeout_seconds * 1000
+        self._move(JobState.RUNNING, "running")
+
+    def _take_over(self, container: ContainerInfo) -> None:
+        kit, rec = self._kit, self.record
+        self._container_id = container.container_id
+        rec.container_id = container.container_id
+        if rec.build.image_tag:
+            self._release_image = kit.builder.lease(rec.build.image_tag)
+        assert self.job_log is not None
+        self._supervisor = Supervisor(rec, self._container_id, kit, self.job_log, adopted=True)
+        if rec.state is not JobState.RUNNING:
+            # Started by a worker that stopped before it could say so.
+            self._move(JobState.RUNNING, "running")
+        self.log.info("re-adopted job {job_id} (container {cid})", job_id=rec.job_id, cid=self._container_id[:12])
+
+    async def _end(self) -> None:
+        kit, rec = self._kit, self.record
+        outcome = self._outcome
+        if outcome is None:  # detached or refused: nothing is decided, nothing changes
+            self._release()
+            await self._close_log()
+            if self.refused:
+                self._done.fire(rec)
+            return
+        if outcome.error and outcome.state in (JobState.FAILED, JobState.WORKER_FAILED):
+            self._log("error", outcome.error)
+        problem = self._supervisor.log_problem if self._supervisor is not None else ""
+        problem = problem or await self._close_log()
+        error = outcome.error
+        if problem:
+            error = f"{error}; logs incomplete: {problem}" if error else f"logs incomplete: {problem}"
+        if self._supervisor is not None:
+            refused = await self._check_result()
+            if refused and outcome.state is JobState.SUCCEEDED:
+                outcome = Outcome(JobState.FAILED, refused, outcome.exit_code)
+                error = f"{refused}; {error}" if error else refused
+            if refused:
+                self._log("error", refused)
+        self._release()
+        # The terminal record on disk before the container goes (see the module doc).
+        at = self._now_ms()
+        final = JobRecord.from_json(rec.to_json())
+        self._conclude(final, outcome.state, error, outcome.exit_code, at)
+        saved = await kit.store.save(final)
+        if self._container_id:
+            if saved:
+                await self._remove_container()
+            else:
+                kit.store.saved(rec.job_id).addCallback(lambda _: self._remove_container())
+        self._conclude(rec, outcome.state, error, outcome.exit_code, at)
+        kit.changed(rec)
+        self._done.fire(rec)
 
     async def _check_result(self) -> str:
         """Note whether the job left a result; "" or why it was refused (the
@@ -254,24 +290,58 @@ class JobExecution:
         except UnsafeFile as e:
             rec.has_result = False
             return f"result refused: {e}"
+        except Exception:
+            self.log.failure("checking the result of {job_id} failed", job_id=rec.job_id)
         return ""
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _unless_killed(self, d: Deferred[T]) -> T:
-        """Wait for ``d`` unless a kill comes first; then ``d`` is cancelled."""
-        if self._kill_requested:
+    def _release(self) -> None:
+        if self._release_image is not None:
+            self._release_image()
+            self._release_image = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+        if self._ticket is not None:
+            self._ticket.leave()  # the slot and devices, or the place in line
+
+    async def _unless_stopped(self, d: Deferred[T]) -> T:
+        """Wait for ``d`` unless a kill or a detach comes first; then ``d`` is cancelled."""
+        if self._stop is not None or self._detaching:
+            d.addErrback(lambda f: f.trap(CancelledError))
             d.cancel()
-            raise _Killed()
-        self._kill_hooks.append(d.cancel)
+            self._check_stop()
+        self._hooks.append(d.cancel)
         try:
             return await d
-        except CancelledError:
-            if self._kill_requested:
-                raise _Killed() from None
+        except Exception:
+            # Whatever a cancelled step raises (CancelledError, or its own error
+            # about being cancelled), a kill or detach is what happened.
+            self._check_stop()
             raise
         finally:
-            self._kill_hooks.remove(d.cancel)
+            self._hooks.remove(d.cancel)
+
+    def _check_stop(self) -> None:
+        if self._detaching:
+            raise _Detached()
+        if self._stop is not None:
+            raise _Killed()
+
+    def _stopped(self) -> Outcome:
+        assert self._stop is not None
+        return Outcome(JobState[self._stop.state], self._stop.error, None)
+
+    def _failure(self, e: Exception) -> Outcome:
+        if self._stop is not None:
+            return self._stopped()
+        if engine_unreachable(e) or not self._kit.engine_up():
+            return Outcome(JobState.WORKER_FAILED, one_line(f"Docker engine unavailable: {e}"))
+        if isinstance(e, (BundleError, BuildError, ContainerError, DevicesUnavailable)):
+            return Outcome(JobState.FAILED, str(e))
+        self.log.failure("job {job_id} failed inside the worker", job_id=self.record.job_id)
+        return Outcome(JobState.FAILED, one_line(f"worker error: {type(e).__name__}: {e}"))
 
     def _container_spec(self, image: str) -> ContainerSpec:
         kit, rec = self._kit, self.record
@@ -300,43 +370,23 @@ class JobExecution:
             **kit.devices.container_options(rec),
         )
 
-    def _timeout(self) -> None:
-        self._timed_out = True
-        self._log("error", f"timeout of {self.record.spec.timeout_seconds} s exceeded: terminating")
-        self._terminate(self._kit.default_kill_grace)
-
-    def _terminate(self, grace: float) -> None:
-        self._kit.runtime.terminate(self._container_id, grace).addErrback(
-            lambda f: self.log.failure("terminating {cid} failed", f, cid=self._container_id)
-        )
-
-    async def _sample(self) -> None:
-        try:
-            sample = await self._kit.runtime.sample(self._container_id)
-        except ContainerError:
-            return  # gone between two samples: the exit path takes over
-        usage = self.record.usage
-        if sample is not None:
-            usage.memory_mb = sample.memory_bytes // 2**20
-            usage.memory_peak_mb = max(usage.memory_peak_mb, sample.memory_peak_bytes // 2**20)
-            usage.cpu_percent = int(sample.cpu_percent)
-            usage.cpu_millicores = sample.cpu_millicores
-            usage.process_count = sample.process_count
-        usage.disk_mb = (await self._kit.store.disk_bytes(self.record.job_id)) // 2**20
-
     async def _remove_container(self) -> None:
         try:
             await self._kit.runtime.remove(self._container_id)
         except Exception:
+            # The engine is away: the manager removes what is left once it is back.
             self.log.failure("removing container {cid} failed", cid=self._container_id)
 
-    async def _close_log(self) -> None:
+    async def _close_log(self) -> str:
+        """Close the job's log; what went wrong, or ""."""
         if self.job_log is None:
-            return
+            return ""
         try:
             await self.job_log.close()
-        except Exception:
+        except Exception as e:
             self.log.failure("closing the log of {job_id} failed", job_id=self.record.job_id)
+            return one_line(f"{type(e).__name__}: {e}")
+        return ""
 
     def _log(self, source: str, line: str) -> None:
         if self.job_log is not None:
@@ -356,25 +406,10 @@ class JobExecution:
         self.record.phase(message, self._now_ms())
         self._kit.changed(self.record)
 
-    def _fail(self, error: str, exit_code: int | None = None) -> None:
-        self._log("error", error)
-        self._finish(JobState.FAILED, error=error, exit_code=exit_code)
-
-    def _finish(self, state: JobState, error: str = "", exit_code: int | None = None) -> None:
-        """Decide the outcome (the first decision wins); ``_publish`` shows it once
-        the container is removed and the logs are closed, so a client that sees a
-        terminal state finds every log line stored and no container left."""
-        if self._outcome is None:
-            self._outcome = (state, error, exit_code)
-
-    def _publish(self) -> None:
-        rec = self.record
-        if self._outcome is None or rec.state.terminal:
+    def _conclude(self, record: JobRecord, state: JobState, error: str, exit_code: int | None, at: int) -> None:
+        if record.state.terminal:
             return
-        state, error, exit_code = self._outcome
-        rec.error = error
+        record.error = error
         if exit_code is not None:
-            rec.exit_code = exit_code
-        rec.move(state, self._now_ms(), state.name.lower())
-        self._kit.changed(rec)
-
+            record.exit_code = exit_code
+        record.move(state, at, state.name.lower())

@@ -1,8 +1,17 @@
 """JobManager: accepts jobs, runs each as a JobExecution, keeps their records.
 
-RunJob is answered at once; everything after is Deferred-driven. Records are
-saved under the state dir on every change, so a restarted worker still
-answers GetJobStatus and ListJobs for finished jobs.
+RunJob is answered once the job's entry point and record are on disk (so an
+accepted job survives a crash); everything after is Deferred-driven. Records
+are saved on every change, so a restarted worker still answers for finished jobs.
+
+Jobs outlive the worker process. Start-up loads the records (no engine needed:
+the site opens then, even while the engine is down); once the engine answers,
+the containers a previous process left are re-adopted, lost jobs are said to be
+lost, waiting jobs start again in arrival order and stray containers are
+removed (jobs/recovery.py); the same runs again each time the engine comes back
+from an outage. Stopping leaves the jobs running (``detach``), unless
+``stop_jobs_on_exit`` asks for the old drain: every job is stopped and ends
+WORKER_FAILED.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from twisted.python.failure import Failure
 
 from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.waiters import Once
+from fluster_worker.containers.health import EngineHealth
 from fluster_worker.containers.ports import PortAllocator, PortsExhausted
+from fluster_worker.containers.runtime import ContainerError, ContainerInfo
 from fluster_worker.jobs import validation
 from fluster_worker.jobs.execution import JobExecution, Toolkit
 from fluster_worker.jobs.model import (
@@ -33,8 +44,11 @@ from fluster_worker.jobs.model import (
     ResourcesExhausted,
     WorkerUnavailable,
 )
+from fluster_worker.jobs.outcome import lost_outcome
+from fluster_worker.jobs.recovery import plan_recovery
 from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
+from fluster_worker.node.conditions import UNAVAILABLE, NodeConditions
 
 StateListener = Callable[[JobRecord], None]
 #: How long a KillJob caller waits past the grace for the job to end.
@@ -58,7 +72,13 @@ class JobManager(Service):
         max_result_bytes: int = 64 * 2**20,
         shutdown_grace_seconds: float = 5.0,
         max_kill_grace_seconds: float = 300.0,
+        stop_jobs_on_exit: bool = False,
+        conditions: NodeConditions | None = None,
+        engine: EngineHealth | None = None,
     ) -> None:
+        """``conditions``: new jobs are refused while one blocks. ``engine``: the
+        containers are reconciled once it is up, and again after each outage
+        (without it, at once)."""
         self._reactor = reactor
         self._logs = logs
         self._ports = ports
@@ -69,14 +89,22 @@ class JobManager(Service):
         self._max_result_bytes = max_result_bytes
         self._shutdown_grace = shutdown_grace_seconds
         self._max_kill_grace = max_kill_grace_seconds
+        self._stop_jobs_on_exit = stop_jobs_on_exit
+        self._conditions = conditions
+        self._engine = engine
         self._kit = replace(kit, changed=self._changed)
         self._store: JobStore = kit.store
         self._jobs: dict[str, JobRecord] = {}
         self._active: dict[str, JobExecution] = {}
+        self._persisted: dict[str, Once[None]] = {}
         self._listeners: list[StateListener] = []
         self._pruner = LoopingCall(self.prune)
         self._pruner.clock = reactor
-        self._recovered: Once[None] = Once()
+        self._loaded: Once[None] = Once()
+        self._reconciled: Once[None] = Once()
+        self._reconciling = False
+        self._reconcile_again = False
+        self._arrival = 0
 
     @property
     def slots(self) -> DeferredSemaphore:
@@ -90,34 +118,126 @@ class JobManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._recovery = Deferred.fromCoroutine(self._recover())
-        self._recovery.addErrback(lambda f: self.log.failure("recovering job records failed", f))
+        d = Deferred.fromCoroutine(self._load())
+        d.addErrback(lambda f: self.log.failure("loading job records failed", f))
 
     def ready(self) -> Deferred[None]:
         """A new Deferred that fires once the records of a previous run are loaded
         (the web site opens only then, so no call sees a half-loaded worker)."""
-        return self._recovered.wait()
+        return self._loaded.wait()
 
-    async def _recover(self) -> None:
-        removed = await self._kit.runtime.remove_orphans()
-        if removed:
-            self.log.warn("removed {count} containers left by a previous worker process", count=removed)
+    def reconciled(self) -> Deferred[None]:
+        """A new Deferred that fires once the jobs of a previous run are re-adopted,
+        restarted or said to be lost (this needs the engine)."""
+        return self._reconciled.wait()
+
+    async def _load(self) -> None:
         for record in await self._store.load_all():
-            if record.job_id in self._jobs:
-                continue
-            self._jobs[record.job_id] = record
-            if not record.state.terminal:
-                # The previous process died with this job unfinished: say so.
-                record.error = f"worker restarted while the job was {record.state.name}"
-                record.move(JobState.WORKER_FAILED, self._now_ms(), "worker restarted")
-                self._changed(record)
-        self._recovered.fire(None)
+            if record.job_id not in self._jobs:
+                self._jobs[record.job_id] = record
+                self._arrival = max(self._arrival, record.arrival)
+        self._loaded.fire(None)
         self._pruner.start(60, now=True)
+        if self._engine is None:
+            self._reconcile()
+        else:
+            self._engine.add_listener(lambda up, reason: self._reconcile() if up else None)
+            if self._engine.up:
+                self._reconcile()
+
+    def _reconcile(self) -> None:
+        if not self.running:
+            return
+        if self._reconciling:
+            self._reconcile_again = True
+            return
+        self._reconciling = True
+        d = Deferred.fromCoroutine(self._reconcile_once())
+        d.addErrback(lambda f: self.log.failure("reconciling jobs and containers failed", f))
+
+        def done(_: object) -> None:
+            self._reconciling = False
+            if self._reconcile_again:
+                self._reconcile_again = False
+                self._reconcile()
+
+        d.addBoth(done)
+
+    async def _reconcile_once(self) -> None:
+        try:
+            containers = await self._kit.runtime.inventory()
+        except ContainerError as e:
+            self.log.warn("cannot list containers ({error}); trying again when the engine answers", error=str(e))
+            return
+        if not self.running:
+            return
+        plan = plan_recovery(self._jobs, containers, set(self._active))
+        if not plan.empty:
+            self.log.info(
+                "recovery: {adopt} containers re-adopted, {restart} jobs started again, {lost} lost, "
+                "{remove} containers to remove",
+                adopt=len(plan.adopt),
+                restart=len(plan.restart),
+                lost=len(plan.lost),
+                remove=len(plan.remove),
+            )
+        for record, container in plan.adopt:
+            self._ports.reserve(record.ports.values())
+            execution = JobExecution(record, b"", self._kit)
+            self._run(execution, execution.adopt(container))
+        for record in plan.lost:
+            outcome = lost_outcome(record.container_id)
+            record.error = outcome.error
+            record.move(outcome.state, self._now_ms(), "lost")
+            self._changed(record)
+        # A waiting job's old container (created, never started) shares its name:
+        # it goes before the job starts again.
+        restarting = {r.job_id for r in plan.restart}
+        blocking = [self._remove(c) for c in plan.remove if c.job_id in restarting]
+        for container in plan.remove:
+            if container.job_id not in restarting:
+                self._remove(container)
+        await DeferredList(blocking, consumeErrors=True)
+        for record in plan.restart:
+            if not self.running or record.job_id in self._active or record.state.terminal:
+                continue
+            if record.state is JobState.BUILDING:
+                record.move(JobState.PENDING, self._now_ms(), "queued again: the worker restarted")
+            record.container_id = ""
+            self._ports.reserve(record.ports.values())
+            execution = JobExecution(record, b"", self._kit)
+            self._run(execution, execution.start())
+        self._reconciled.fire(None)
+
+    def _remove(self, container: ContainerInfo) -> Deferred[None]:
+        """Stop (SIGTERM, the grace, SIGKILL) and remove a container of ours."""
+        runtime = self._kit.runtime
+        self.log.info(
+            "removing container {name} of job {job_id} (no job of this worker runs in it)",
+            name=container.name,
+            job_id=container.job_id,
+        )
+        async def remove() -> None:
+            if container.state in ("running", "paused", "restarting"):
+                try:
+                    await runtime.terminate(container.container_id, self._kit.default_kill_grace)
+                except ContainerError:
+                    pass  # removed meanwhile, or never started: the remove says
+            await runtime.remove(container.container_id)
+
+        d = Deferred.fromCoroutine(remove())
+        d.addErrback(lambda f: self.log.failure("removing container {name} failed", f, name=container.name))
+        return d
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         super().stopService()
         if self._pruner.running:
             self._pruner.stop()
+        if not self._stop_jobs_on_exit:
+            # The jobs run on; the next worker process re-adopts them.
+            for execution in list(self._active.values()):
+                execution.detach()
+            return succeed(None)
         stopping = [
             execution.kill(self._shutdown_grace, JobState.WORKER_FAILED, "worker shut down")
             for execution in list(self._active.values())
@@ -127,8 +247,9 @@ class JobManager(Service):
     # -- RPC entry points ------------------------------------------------------
 
     def submit(self, request: JobRequest) -> JobRecord:
-        """Validate and accept a job (its record, PENDING); raises a JobError."""
-        if not self._recovered.happened:
+        """Validate and accept a job (its record, PENDING); raises a JobError.
+        ``accepted(job_id)`` says when it is on disk."""
+        if not self._loaded.happened:
             raise WorkerUnavailable("the worker is starting; try again shortly")
         job_id = validation.job_id_of(request)
         attempt = request.attempt_id
@@ -145,11 +266,13 @@ class JobManager(Service):
                 raise JobAlreadyExists(
                     f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
                 )
+        self._admit()
         spec = validation.job_spec(request, self._cpu_count, self._kit.devices)
         try:
             ports = self._ports.allocate(spec.port_names)
         except PortsExhausted as e:
             raise ResourcesExhausted(str(e)) from None
+        self._arrival += 1
         record = JobRecord(
             job_id=job_id,
             attempt_id=attempt,
@@ -157,20 +280,32 @@ class JobManager(Service):
             spec=spec,
             submitted_at_ms=self._now_ms(),
             ports=ports,
+            arrival=self._arrival,
         )
         record.phases.append(("pending", record.submitted_at_ms))
         self._jobs[job_id] = record
-        execution = JobExecution(record, request.entrypoint, self._kit)
-        self._active[job_id] = execution
-        # A replaced attempt's files go first; then the record is saved (so it is
-        # on disk from PENDING on) and the run starts.
+        # The entry point and the record go to disk before RunJob is answered; the
+        # job takes its place in line now (arrival order) and waits for that.
+        persisted: Once[None] = Once()
+        self._persisted[job_id] = persisted
         cleared = self._forget_files(job_id) if existing is not None else succeed(None)
-        cleared.addCallback(lambda _: self._changed(record))
-        cleared.addCallback(lambda _: execution.start())
-        cleared.addErrback(lambda f: self.log.failure("job {job_id} crashed", f, job_id=job_id))
-        cleared.addBoth(lambda _: self._finished(job_id, execution))
+        cleared.addCallback(lambda _: self._store.prepare(job_id, request.entrypoint))
+        cleared.addCallback(lambda _: self._store.save(record))
+        cleared.addCallbacks(
+            lambda saved: persisted.fire(None) if saved else persisted.fail(_not_saved(job_id, self._store.save_error)),
+            lambda f: persisted.fail(_not_saved(job_id, f.getErrorMessage())),
+        )
+        execution = JobExecution(record, b"", self._kit)
+        self._run(execution, execution.start(persisted.wait()))
         self.log.info("accepted job {job_id} attempt {attempt}", job_id=job_id, attempt=attempt)
         return record
+
+    def accepted(self, job_id: str) -> Deferred[None]:
+        """Fires once the job's entry point and record are on disk; fails with
+        ResourcesExhausted if they could not be written (the job is then refused:
+        it never runs, and the worker forgets it)."""
+        persisted = self._persisted.get(job_id)
+        return succeed(None) if persisted is None else persisted.wait()
 
     # -- queries (records are the manager's: callers read them, never change them) --
 
@@ -228,6 +363,21 @@ class JobManager(Service):
 
     # -- internals -------------------------------------------------------------
 
+    def _admit(self) -> None:
+        """Refuse new work while a node condition blocks it, saying why."""
+        blocking = self._conditions.blocking() if self._conditions is not None else None
+        if blocking is None:
+            return
+        if blocking.severity == UNAVAILABLE:
+            raise WorkerUnavailable(blocking.reason)
+        raise ResourcesExhausted(blocking.reason)
+
+    def _run(self, execution: JobExecution, running: Deferred[None]) -> None:
+        job_id = execution.record.job_id
+        self._active[job_id] = execution
+        running.addErrback(lambda f: self.log.failure("job {job_id} crashed", f, job_id=job_id))
+        running.addBoth(lambda _: self._finished(job_id, execution))
+
     def _changed(self, record: JobRecord) -> None:
         self._store.save(record).addErrback(
             lambda f: self.log.failure("saving job {job_id} failed", f, job_id=record.job_id)
@@ -242,6 +392,11 @@ class JobManager(Service):
         if self._active.get(job_id) is execution:
             del self._active[job_id]
         self._ports.release(execution.record.ports.values())
+        self._persisted.pop(job_id, None)
+        if execution.refused and self._jobs.get(job_id) is execution.record:
+            # Never accepted: RunJob said so; nothing of it stays.
+            del self._jobs[job_id]
+            self._forget_files(job_id).addErrback(self._log_delete_failure, job_id)
         if len(self._jobs) > self._retention_count:
             self.prune()
 
@@ -266,7 +421,6 @@ class JobManager(Service):
                 break
             excess -= 1
             del self._jobs[record.job_id]
-            self._store.forget(record.job_id)
             self._forget_files(record.job_id).addErrback(self._log_delete_failure, record.job_id)
 
     def _log_delete_failure(self, failure: Failure, job_id: str) -> None:
@@ -274,3 +428,7 @@ class JobManager(Service):
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
+
+
+def _not_saved(job_id: str, cause: str) -> ResourcesExhausted:
+    return ResourcesExhausted(f"cannot save job {job_id} to disk: {cause or 'unknown error'}")

@@ -36,14 +36,14 @@ TERMINAL_STATES = frozenset(
 )
 
 # Every legal move; anything else is a bug and raises IllegalTransition.
-# WORKER_FAILED is where a restarted worker puts jobs that its previous
-# process left unfinished.
+# BUILDING -> PENDING: a restarted worker puts a job whose build its previous
+# process left unfinished back in line. WORKER_FAILED: a job the worker lost.
 _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.PENDING: frozenset(
         {JobState.BUILDING, JobState.FAILED, JobState.KILLED, JobState.WORKER_FAILED}
     ),
     JobState.BUILDING: frozenset(
-        {JobState.RUNNING, JobState.FAILED, JobState.KILLED, JobState.WORKER_FAILED}
+        {JobState.PENDING, JobState.RUNNING, JobState.FAILED, JobState.KILLED, JobState.WORKER_FAILED}
     ),
     JobState.RUNNING: frozenset(
         {JobState.SUCCEEDED, JobState.FAILED, JobState.KILLED, JobState.WORKER_FAILED}
@@ -144,6 +144,22 @@ class Usage:
 
 
 @dataclass
+class StopRequest:
+    """A stop the worker asked of a job's container (a kill, its timeout, a drain
+    at shutdown), kept in the record so that a restarted worker finishes it and
+    names it. ``state`` is the JobState name the job ends in when the stop is
+    what ended it; ``signalled_ms`` is when a signal first reached the running
+    container (0: none yet; a container that exits on its own before that keeps
+    its own outcome)."""
+
+    state: str
+    error: str
+    requested_ms: int
+    grace_ms: int
+    signalled_ms: int = 0
+
+
+@dataclass
 class JobSpec:
     """What RunJob asked for, validated. Kept for the record and the dashboard;
     the entry point's bytes live in a file, never here."""
@@ -189,6 +205,12 @@ class JobRecord:
     # The device ids the job holds (GPU ids, TPU device paths) from the moment they
     # are granted until it ends; kept so a re-adopted job holds them again.
     devices: list[str] = field(default_factory=list)
+    # Epoch ms at which the timeout ends the job (0: none), fixed when it starts.
+    deadline_ms: int = 0
+    # Arrival order among this worker's jobs: a restarted worker starts the jobs
+    # left waiting in this order.
+    arrival: int = 0
+    stop: StopRequest | None = None
 
     def move(self, new: JobState, at_ms: int, message: str = "") -> None:
         if new not in _TRANSITIONS.get(self.state, frozenset()):
@@ -220,4 +242,6 @@ class JobRecord:
         data["usage"] = Usage(**data["usage"])
         data["build"] = BuildInfo(**data["build"])
         data["phases"] = [(str(p[0]), int(p[1])) for p in data["phases"]]
+        if data.get("stop") is not None:
+            data["stop"] = StopRequest(**data["stop"])
         return cls(**data)

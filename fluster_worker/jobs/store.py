@@ -20,15 +20,19 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.files import write_atomically
 from fluster_worker.common.jobnames import job_key, valid_job_id
 from fluster_worker.common.safe_files import FileTooLarge, UnsafeFile, probe_regular, read_regular
 from fluster_worker.common.safe_tree import remove_tree, tree_usage
 from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
+from fluster_worker.common.waiters import Waiters
 from fluster_worker.images.dockerfile import CONTAINER_IO_DIR
 from fluster_worker.jobs.model import JobRecord
 
@@ -39,6 +43,8 @@ _ERROR = ("out", ERROR_FILE)
 #: The most of it read (the runner writes at most 500 characters); the most kept.
 MAX_ERROR_FILE_BYTES = 4096
 MAX_ERROR_CHARS = 1000
+# A record that could not be saved (a full disk) is written again: 1 s, doubling to 30 s.
+SAVE_RETRY = Backoff(initial_s=1.0, max_s=30.0, factor=2.0, jitter=0.0)
 
 
 class ResultTooLarge(Exception):
@@ -48,11 +54,22 @@ class ResultTooLarge(Exception):
 class JobStore:
     log = Logger()
 
-    def __init__(self, root: Path, pool: BlockingPool) -> None:
+    def __init__(self, root: Path, pool: BlockingPool, *, clock: IReactorTime | None = None) -> None:
+        """``clock``: when given, records whose save failed are written again on
+        their own (SAVE_RETRY); without it, only by the next save of the job."""
         self.root = root
         self._pool = pool
-        # One FIFO lock per job keeps that job's file writes in order.
+        self._clock = clock
+        # One FIFO lock per job keeps that job's file writes in order; it goes
+        # away when the job has no write in flight or waiting.
         self._locks: dict[str, DeferredLock] = {}
+        # The newest snapshot of each job whose save failed, and its retries.
+        self._unsaved: dict[str, bytes] = {}
+        self._failures: dict[str, int] = {}
+        self._retries: dict[str, IDelayedCall] = {}
+        self._saved: dict[str, Waiters[None]] = {}
+        #: The error of the newest failed save ("" once every record is saved).
+        self.save_error = ""
 
     def job_dir(self, job_id: str) -> Path:
         return self.root / job_key(job_id)
@@ -72,11 +89,68 @@ class JobStore:
     def app_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "app"
 
-    def save(self, record: JobRecord) -> Deferred[None]:
-        """Persist a snapshot of ``record`` (taken now), after earlier saves of it."""
+    def save(self, record: JobRecord) -> Deferred[bool]:
+        """Persist a snapshot of ``record`` (taken now), after earlier saves of it.
+        Fires with True once written, False if that failed: the snapshot (or a
+        newer one) is then written again until it is (see ``saved``)."""
+        job_id = record.job_id
         data = json.dumps(record.to_json()).encode("utf-8")
-        path = self.job_dir(record.job_id) / "record.json"
-        return self._chain(record.job_id, lambda: write_atomically(path, data))
+        self._unsaved.pop(job_id, None)  # superseded by this one
+        return self._write_record(job_id, data)
+
+    def saved(self, job_id: str) -> Deferred[None]:
+        """A new Deferred that fires once no failed save of the job waits to be
+        written again (at once if none does)."""
+        if job_id not in self._unsaved:
+            return succeed(None)
+        return self._saved.setdefault(job_id, Waiters()).wait()
+
+    @property
+    def unsaved_count(self) -> int:
+        """Jobs whose newest record could not be written yet."""
+        return len(self._unsaved)
+
+    def _write_record(self, job_id: str, data: bytes) -> Deferred[bool]:
+        path = self.job_dir(job_id) / "record.json"
+
+        def written(_: None) -> bool:
+            if job_id not in self._unsaved:
+                self._failures.pop(job_id, None)
+                self._cancel_retry(job_id)
+                waiters = self._saved.pop(job_id, None)
+                if waiters is not None:
+                    waiters.fire(None)
+                if not self._unsaved:
+                    self.save_error = ""
+            return True
+
+        def failed(failure: Failure) -> bool:
+            self.save_error = f"saving the record of {job_id} failed: {failure.getErrorMessage()}"
+            failures = self._failures.get(job_id, 0)
+            if failures == 0:
+                self.log.error("{error}; retrying", error=self.save_error)
+            self._failures[job_id] = failures + 1
+            self._unsaved.setdefault(job_id, data)
+            self._schedule_retry(job_id, SAVE_RETRY.base(failures))
+            return False
+
+        return self._chain(job_id, lambda: write_atomically(path, data)).addCallbacks(written, failed)
+
+    def _schedule_retry(self, job_id: str, delay: float) -> None:
+        if self._clock is None or job_id in self._retries:
+            return
+        self._retries[job_id] = self._clock.callLater(delay, self._retry, job_id)
+
+    def _retry(self, job_id: str) -> None:
+        self._retries.pop(job_id, None)
+        data = self._unsaved.pop(job_id, None)
+        if data is not None:
+            self._write_record(job_id, data)
+
+    def _cancel_retry(self, job_id: str) -> None:
+        call = self._retries.pop(job_id, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def prepare(self, job_id: str, entrypoint: bytes) -> Deferred[None]:
         """Create the job's directories and write its entry point. (A replaced
@@ -179,19 +253,29 @@ class JobStore:
         return self._pool.run(lambda: tree_usage(self.workdir(job_id)).bytes)
 
     def delete(self, job_id: str) -> Deferred[None]:
+        self._unsaved.pop(job_id, None)
+        self._failures.pop(job_id, None)
+        self._cancel_retry(job_id)
+        waiters = self._saved.pop(job_id, None)
+        if waiters is not None:
+            waiters.fire(None)
         return self._chain(job_id, lambda: _remove(self.job_dir(job_id)))
 
     def _chain(self, job_id: str, work: Callable[[], None]) -> Deferred[None]:
         lock = self._locks.get(job_id)
         if lock is None:
             lock = self._locks[job_id] = DeferredLock()
-        return lock.run(self._pool.run, work)
+
+        def idle(result: object) -> object:
+            # Nobody else holds or waits for it: drop it (no lock per job kept forever).
+            if not lock.locked and self._locks.get(job_id) is lock:
+                del self._locks[job_id]
+            return result
+
+        return lock.run(self._pool.run, work).addBoth(idle)
 
     def forget(self, job_id: str) -> None:
-        """Drop the job's write lock once it has no writes in flight."""
-        lock = self._locks.get(job_id)
-        if lock is not None and not lock.locked:
-            del self._locks[job_id]
+        """Kept for callers: a job's write lock now goes away by itself when idle."""
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,72 @@
+"""What a worker does with the jobs and containers a previous process (or an
+engine outage) left behind: a plan, made from the records and the containers
+labelled with the worker id. Pure: the JobManager carries it out.
+
+- A container of a job whose record is RUNNING (or PENDING/BUILDING: a worker
+  that died between starting the container and saying so), same attempt, that
+  ran: re-adopted, whether it still runs or exited meanwhile.
+- Every other container of ours (no record, a terminal record, another
+  attempt, never started): removed, with the normal grace.
+- A RUNNING record without a container: the job is lost (WORKER_FAILED).
+- PENDING and BUILDING records without a container: started again from their
+  entry point, in their original arrival order.
+
+Jobs this process already runs (``active``) and their containers are left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fluster_worker.containers.runtime import ContainerInfo
+from fluster_worker.jobs.model import JobRecord, JobState
+
+__all__ = ["RecoveryPlan", "arrival_order", "plan_recovery"]
+
+
+@dataclass
+class RecoveryPlan:
+    adopt: list[tuple[JobRecord, ContainerInfo]] = field(default_factory=list)
+    restart: list[JobRecord] = field(default_factory=list)
+    lost: list[JobRecord] = field(default_factory=list)
+    remove: list[ContainerInfo] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.adopt or self.restart or self.lost or self.remove)
+
+
+def arrival_order(record: JobRecord) -> tuple[int, int, str]:
+    return (record.arrival, record.submitted_at_ms, record.job_id)
+
+
+def plan_recovery(
+    records: dict[str, JobRecord], containers: list[ContainerInfo], active: set[str]
+) -> RecoveryPlan:
+    plan = RecoveryPlan()
+    adopted: set[str] = set()
+    for container in containers:
+        if container.job_id in active:
+            continue
+        record = records.get(container.job_id)
+        if (
+            record is not None
+            and not record.state.terminal
+            and record.attempt_id == container.attempt_id
+            and container.started
+            and container.job_id not in adopted
+        ):
+            adopted.add(container.job_id)
+            plan.adopt.append((record, container))
+        else:
+            plan.remove.append(container)
+    for job_id, record in records.items():
+        if job_id in active or job_id in adopted or record.state.terminal:
+            continue
+        if record.state is JobState.RUNNING:
+            plan.lost.append(record)
+        else:
+            plan.restart.append(record)
+    plan.adopt.sort(key=lambda pair: arrival_order(pair[0]))
+    plan.restart.sort(key=arrival_order)
+    return plan
