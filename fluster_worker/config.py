@@ -47,6 +47,13 @@ class WorkerConfig:
     advertise_cpu: int | None = None
     advertise_memory: str | None = None
     docker_path: str = "docker"
+    # Stopping the worker stops its jobs too (ending WORKER_FAILED), instead of
+    # leaving them running for the next worker process to re-adopt.
+    stop_jobs_on_exit: bool = False
+    # Free space under the state and cache dirs: below the floor new jobs are
+    # refused; below the low mark the worker warns.
+    min_free_disk_bytes: int = 1 * 2**30
+    low_free_disk_bytes: int = 5 * 2**30
     extra_labels: dict[str, str] = field(default_factory=dict)
     max_kill_grace: float = 300.0
     gpus: str = "all"  # all (what nvidia-smi finds) | none | ids "0,1,3"

@@ -53,6 +53,24 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
     ("tpu-devices", None, ",".join(_DEFAULTS.tpu_devices), "TPU device nodes, GLOB[,GLOB]; a TPU job gets all.", str),
     ("accelerator-shm-size", None, "16g", "Shared memory (/dev/shm) of GPU and TPU jobs.", str),
     ("tpu-memlock", None, "unlimited", "Locked-memory limit of TPU jobs: unlimited, or engine (its default).", str),
+    (
+        "min-free-disk-bytes", None, str(_DEFAULTS.min_free_disk_bytes),
+        "Free space under the state and cache dirs below which new jobs are refused (0: never).", int,
+    ),
+    (
+        "low-free-disk-bytes", None, str(_DEFAULTS.low_free_disk_bytes),
+        "Free space below which the worker warns (dashboard, /metrics).", int,
+    ),
+]
+
+# (name, help): flags, also read from FLUSTER_WORKER_<NAME> (1/true/yes/on).
+_FLAGS: list[tuple[str, str]] = [
+    (
+        "stop-jobs-on-exit",
+        "Stop every job when the worker stops (they end WORKER_FAILED), as a drain. By default "
+        "stopping the worker leaves its jobs running and the next worker process on the same state "
+        "dir re-adopts them.",
+    ),
 ]
 
 
@@ -73,6 +91,7 @@ class Options(usage.Options):
         [name, short, None, f"{help_} [default: {_SHOWN_DEFAULTS.get(name, default)}; env {env_name(name)}]"]
         for name, short, default, help_, _ in _OPTIONS
     ]
+    optFlags = [[name, None, f"{help_} [env {env_name(name)}=1]"] for name, help_ in _FLAGS]
 
     def postOptions(self) -> None:
         for name, _short, default, _help, _parse in _OPTIONS:
@@ -82,6 +101,12 @@ class Options(usage.Options):
             # What the host's Python already trusts, so builds reach PyPI where pip does.
             found = host_ca_bundle(os.environ)
             self["ca-bundle"] = str(found) if found is not None else None
+        for name, _help in _FLAGS:
+            if not self[name]:
+                raw = os.environ.get(env_name(name), "").strip().lower()
+                if raw not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+                    raise usage.UsageError(f"{env_name(name)}: invalid value {raw!r} (use 1 or 0)")
+                self[name] = raw in ("1", "true", "yes", "on")
         self.config = to_config(self)
 
 
@@ -124,6 +149,9 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         raise usage.UsageError("--max-concurrent-jobs must be at least 1")
     if not values["max-kill-grace"] > 0:
         raise usage.UsageError("--max-kill-grace must be positive")
+    for name in ("min-free-disk-bytes", "low-free-disk-bytes"):
+        if values.get(name, 0) < 0:
+            raise usage.UsageError(f"--{name} must be at least 0")
     return WorkerConfig(
         listen=values["listen"],
         cache_dir=values["cache-dir"],
@@ -153,6 +181,9 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         tpu_devices=tpu_devices,
         accelerator_shm_bytes=shm_bytes,
         tpu_memlock_unlimited=memlock == "unlimited",
+        stop_jobs_on_exit=bool(opts.get("stop-jobs-on-exit")),
+        min_free_disk_bytes=values["min-free-disk-bytes"],
+        low_free_disk_bytes=values["low-free-disk-bytes"],
     )
 
 

@@ -1,9 +1,15 @@
 """The Worker: one MultiService holding a Service per long-lived resource.
 
 Start order is the order below (stop is the reverse): thread pools, the
-container runtime, the job manager, the controller link, then the web site,
-so a stopping worker first stops taking calls, then stops its jobs, then
-its runtime, and joins its threads last.
+container runtime, the disk watch, the controller link, the job manager, then
+the web site, so a stopping worker first stops taking calls, then lets go of
+its jobs (they keep running; with ``stop_jobs_on_exit`` they are stopped),
+flushes its reports to the controller for a moment, then stops its runtime,
+and joins its threads last.
+
+The node conditions (``conditions``) gather the engine's reachability (from the
+runtime's events stream) and the disk's free space: while one blocks, RunJob
+refuses, HealthCheck says unhealthy and the registration heartbeats pause.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -43,9 +49,14 @@ from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import LogFollower, LogStore
+from fluster_worker.node import DiskWatch, NodeConditions
+from fluster_worker.node.conditions import UNAVAILABLE
 from fluster_worker.web.listener import WebService
 
 DockerClientFactory = Callable[[], Any]
+
+#: How long a stopping worker waits for its reports to reach the controller.
+REPORT_FLUSH_SECONDS = 1.0
 
 
 def default_docker_client() -> Any:
@@ -78,13 +89,25 @@ class Worker(MultiService):
         for pool in (self.docker_pool, self.file_pool, self.cpu_pool):
             pool.setServiceParent(self)
         client = _shared(docker_client)
+        self.conditions = NodeConditions(reactor)
         self.runtime = ContainerRuntime(reactor, self.docker_pool, client, worker_id)
         self.runtime.setServiceParent(self)
+        self.runtime.health.add_listener(self._engine_changed)
         self.logs = LogStore(
             config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
         )
-        self.store = JobStore(config.state_dir / "jobs", self.file_pool)
-        # Bundle downloads: a pool of our own, quiet (no log line per connection).
+        self.store = JobStore(config.state_dir / "jobs", self.file_pool, clock=reactor)
+        self.disk = DiskWatch(
+            reactor,
+            self.file_pool,
+            self.conditions,
+            [config.state_dir, config.cache_dir],
+            floor_bytes=config.min_free_disk_bytes,
+            low_bytes=config.low_free_disk_bytes,
+            problems=[lambda: self.store.save_error],
+        )
+        self.disk.setServiceParent(self)
+                # Bundle downloads: a pool of our own, quiet (no log line per connection).
         self._http_pool: HTTPConnectionPool | None = None
         if http_client is None:
             http_client, self._http_pool = quiet_http_client(reactor, max_per_host=4, idle_timeout_s=30)
@@ -129,6 +152,8 @@ class Worker(MultiService):
             changed=lambda record: None,
             labels=dict(config.extra_labels),
             devices=self.devices,
+            engine_ready=self.runtime.health.ready,
+            engine_up=lambda: self.runtime.health.up,
         )
         self.ports = PortAllocator(*config.port_range)
         self.manager = JobManager(
@@ -141,6 +166,9 @@ class Worker(MultiService):
             retention_count=config.retention_count,
             retention_seconds=config.retention_seconds,
             max_kill_grace_seconds=config.max_kill_grace,
+            stop_jobs_on_exit=config.stop_jobs_on_exit,
+            conditions=self.conditions,
+            engine=self.runtime.health,
         )
         self.registration: Registration | None = None
         self.reports: ReportQueue | None = None
@@ -172,6 +200,23 @@ class Worker(MultiService):
         self.reports = ReportQueue(client, self.reactor, self.file_pool, self.config.state_dir, self.worker_id)
         self.reports.setServiceParent(self)
         self.manager.add_listener(JobReporter(self.reports))
+        self.conditions.add_listener(self._health_changed)
+
+    def _engine_changed(self, up: bool, reason: str) -> None:
+        if up:
+            self.conditions.clear("engine")
+        else:
+            self.conditions.set("engine", UNAVAILABLE, reason)
+
+    def _health_changed(self, healthy: bool) -> None:
+        """Heartbeats only while the node can take work: the controller sends
+        none to a worker it does not hear from."""
+        if self.registration is None:
+            return
+        if healthy:
+            self.registration.resume()
+        else:
+            self.registration.pause(self.conditions.summary())
 
     def startService(self) -> None:
         # Every child but the web site now; the site once the manager has
@@ -246,9 +291,11 @@ class Worker(MultiService):
             await maybeDeferred(self.registration.stopService)
         pools = [self.file_pool, self.docker_pool, self.cpu_pool]
         for service in [s for s in reversed(list(self)) if s not in pools]:
+            if service is self.reports:
+                await self._flush_reports()
             await self._stop_one(service)
-        # After the manager: its jobs end WORKER_FAILED ("worker shut down"), not
-        # FAILED by a build aborted under them; the builds then give up.
+        # After the manager: a drained job ends WORKER_FAILED ("worker shut down"),
+        # not FAILED by a build aborted under it; the builds then give up.
         self.builder.abort_builds()
         try:
             await self.logs.close_all()
@@ -260,6 +307,18 @@ class Worker(MultiService):
             await self._http_pool.closeCachedConnections()
         for pool in pools:
             await self._stop_one(pool)
+
+    async def _flush_reports(self) -> None:
+        """Give the last reports a bounded moment to reach the controller (they
+        stay on disk for the next start if they do not)."""
+        if self.reports is None:
+            return
+        idle = self.reports.wait_idle()
+        idle.addTimeout(REPORT_FLUSH_SECONDS, self.reactor)
+        try:
+            await idle
+        except TimeoutError:
+            self.log.info("{count} job state reports left for the next start", count=self.reports.pending)
 
     async def _stop_one(self, service: Service) -> None:
         try:

@@ -408,8 +408,13 @@ def test_api_stats(client: Client) -> None:
         "version": "0.1.0",
         "address": "10.1.2.3:8080",
         "healthy": True,
+        "conditions": [],
+        "disk_free_bytes": None,
         "uptime_ms": 90_000,
-        "controller": {"address": "controller.test:10000", "registered": True, "last_heartbeat_ms": T0_MS - 3000},
+        "controller": {
+            "address": "controller.test:10000", "registered": True, "last_heartbeat_ms": T0_MS - 3000,
+            "heartbeats_paused": None,
+        },
         "resources": {"cpu_count": 8, "memory": "15g", "memory_total_bytes": 8 * 2**30, "max_concurrent_jobs": 4},
         "jobs": {
             "total": 4,

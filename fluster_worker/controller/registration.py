@@ -5,6 +5,8 @@ State machine of `Registration` (one timer or one call at a time, never both):
     stopped --start--> calling --accepted--> waiting(heartbeat interval) --> calling
                        calling --failed/rejected--> waiting(backoff) --> calling
     any --stop--> stopped (timer cancelled, in-flight call cancelled)
+    any --pause--> paused (as stopped, until resume: the node cannot take work, so
+                   the controller must stop sending it) --resume--> calling
 
 A failure is any error of the call, an answer with ``accepted=False``, or a request
 that cannot be built (e.g. the listening port is not known yet). Failures retry with
@@ -171,6 +173,7 @@ class Registration(Service):
         self._last_heartbeat_ms: int | None = None
         self._last_error: str | None = None
         self._address: str | None = None
+        self._paused: str | None = None
 
     # -- state for the dashboard ---------------------------------------------------
 
@@ -189,6 +192,11 @@ class Registration(Service):
     def controller_url(self) -> str:
         return self._client.base_url
 
+    @property
+    def paused(self) -> str | None:
+        """Why heartbeats are paused (None while they are not)."""
+        return self._paused
+
     def status(self) -> RegistrationStatus:
         return RegistrationStatus(
             controller_url=self.controller_url,
@@ -206,10 +214,35 @@ class Registration(Service):
         self._generation += 1
         self._failures = 0
         self._streak_started = None
-        self._attempt()
+        if self._paused is None:
+            self._attempt()
 
     def stopService(self) -> None:
         super().stopService()
+        self._halt()
+
+    def pause(self, reason: str) -> None:
+        """Stop heartbeating while the node cannot take work (the engine is down,
+        the disk is full): the controller then stops sending it work."""
+        if self._paused is not None:
+            self._paused = reason
+            return
+        self._paused = reason
+        log.warn("pausing RegisterWorker heartbeats: {reason}", reason=reason)
+        self._halt()
+
+    def resume(self) -> None:
+        if self._paused is None:
+            return
+        self._paused = None
+        log.info("resuming RegisterWorker heartbeats")
+        if self.running:
+            self._generation += 1
+            self._failures = 0
+            self._streak_started = None
+            self._attempt()
+
+    def _halt(self) -> None:
         self._generation += 1  # callbacks of the old generation do nothing
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -93,11 +93,17 @@ def build_app(
             rpc_methods=[m.name for m in descriptor.methods],
             registration=lambda: getattr(worker, "registration", None),
             devices=lambda: getattr(worker, "devices", None),
+            conditions=getattr(worker, "conditions", None),
+            disk=getattr(worker, "disk", None),
         )
         metrics.watch(worker.manager)
     if service is None:
         service = WorkerService(
-            worker.manager, worker.logs, worker.reactor, worker.advertised_address  # type: ignore[arg-type]
+            worker.manager,  # type: ignore[arg-type]
+            worker.logs,  # type: ignore[arg-type]
+            worker.reactor,
+            worker.advertised_address,
+            conditions=getattr(worker, "conditions", None),
         )
     ConnectRouter(
         descriptor,

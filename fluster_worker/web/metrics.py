@@ -18,6 +18,10 @@ Names (all prefixed ``fluster_worker_``):
   gauges, GPUs (``kind="gpu"``) and TPU device nodes (``kind="tpu"``) the worker
   hands out, how many jobs hold now, and the jobs in line for them;
   ``device_in_use{kind,device}``: 1 while a job holds that device.
+- ``healthy``: gauge, 1 while the node takes work (no blocking condition).
+- ``node_condition{condition,severity,reason}``: gauge, 1 per current condition
+  (``engine``: the Docker engine unreachable; ``disk``: low or below the floor).
+- ``disk_free_bytes``: gauge, the least free space under the state and cache dirs.
 
 The counters move from ``JobManager.add_listener`` events, counted once per job id and
 attempt: a build or cache hit when a job seen without an image tag gets one (so jobs
@@ -64,8 +68,12 @@ class WorkerMetrics:
         rpc_methods: Iterable[str] = (),
         registration: Callable[[], object | None] = lambda: None,
         devices: Callable[[], object | None] = lambda: None,
+        conditions: Any = None,
+        disk: Any = None,
     ) -> None:
         self._manager = manager
+        self._conditions = conditions
+        self._disk = disk
         self._logs = logs
         self._clock = clock
         self._started = clock.seconds()
@@ -201,6 +209,23 @@ class WorkerMetrics:
         info.add_metric([worker_id, __version__], 1)
         yield info
         yield from self._device_metrics()
+        healthy = self._conditions is None or self._conditions.healthy
+        yield GaugeMetricFamily(
+            PREFIX + "healthy", "1 while the node takes new work (no blocking node condition).", 1 if healthy else 0
+        )
+        conditions = GaugeMetricFamily(
+            PREFIX + "node_condition",
+            "1 per current node condition (engine unreachable, low disk), with its reason.",
+            labels=["condition", "severity", "reason"],
+        )
+        for condition in self._conditions.current() if self._conditions is not None else []:
+            conditions.add_metric([condition.name, condition.severity, condition.reason[:200]], 1)
+        yield conditions
+        free = getattr(self._disk, "free_bytes", None)
+        if isinstance(free, int):
+            yield GaugeMetricFamily(
+                PREFIX + "disk_free_bytes", "Least free space under the state and cache directories.", free
+            )
         registration = self._registration()
         if registration is not None:
             yield GaugeMetricFamily(

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from fluster_worker.jobs.manager import JobManager
 from fluster_worker.jobs.model import JobError, valid_job_id
 from fluster_worker.logs import InvalidLogQuery, LogQueryTimeout, LogStore
+from fluster_worker.node import NodeConditions
 from fluster_worker.web import wire
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.errors import Code, ConnectError
@@ -26,18 +27,23 @@ class WorkerService:
         logs: LogStore,
         clock: IReactorTime,
         advertised_address: Callable[[], str] = lambda: "",
+        conditions: NodeConditions | None = None,
     ) -> None:
         self._manager = manager
         self._logs = logs
         self._clock = clock
         self._address = advertised_address
+        self._conditions = conditions
         self._started = clock.seconds()
 
-    def RunJob(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
+    async def RunJob(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
+        """Answered once the job is on disk: an accepted job survives a crash."""
         try:
-            return wire.run_response(self._manager.submit(wire.job_request(request)))
+            record = self._manager.submit(wire.job_request(request))
+            await self._manager.accepted(record.job_id)
         except JobError as e:
             raise wire.connect_error(e) from None
+        return wire.run_response(record)
 
     async def GetJobStatus(self, request: pb.GetJobStatusRequest) -> pb.JobStatus:
         try:
@@ -70,7 +76,9 @@ class WorkerService:
 
     def HealthCheck(self, request: pb.Empty) -> pb.HealthResponse:
         return pb.HealthResponse(
-            healthy=True,
+            # Unhealthy while a node condition refuses new work (the engine is
+            # down, the disk below its floor); the dashboard says why.
+            healthy=self._conditions is None or self._conditions.healthy,
             uptime_ms=int((self._clock.seconds() - self._started) * 1000),
             running_jobs=self._manager.running_count(),
         )

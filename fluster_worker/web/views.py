@@ -235,20 +235,37 @@ def counts_by_state(records: Iterable[JobRecord]) -> dict[str, int]:
     return counts
 
 
+def node_health(worker: object) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether the node takes work, and its conditions (engine, disk) with reasons."""
+    conditions = getattr(worker, "conditions", None)
+    if conditions is None:
+        return True, []
+    listed = [
+        {"name": c.name, "severity": c.severity, "reason": c.reason, "since_ms": c.since_ms}
+        for c in conditions.current()
+    ]
+    return bool(conditions.healthy), listed
+
+
 def worker_stats(worker: WorkerView, facts: Facts) -> dict[str, Any]:
     config = worker.config
     registration = getattr(worker, "registration", None)
     records = worker.manager.records()
+    healthy, conditions = node_health(worker)
+    disk = getattr(worker, "disk", None)
     return {
         "worker_id": worker.worker_id,
         "version": __version__,
         "address": worker.advertised_address(),
-        "healthy": True,
+        "healthy": healthy,
+        "conditions": conditions,
+        "disk_free_bytes": getattr(disk, "free_bytes", None),
         "uptime_ms": max(0, int((worker.reactor.seconds() - facts.started_s) * 1000)),
         "controller": {
             "address": config.controller or "",
             "registered": bool(getattr(registration, "connected", False)),
             "last_heartbeat_ms": getattr(registration, "last_heartbeat_ms", None),
+            "heartbeats_paused": getattr(registration, "paused", None),
         },
         "resources": {
             "cpu_count": config.cpu_count,
