@@ -49,6 +49,7 @@ from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import LogFollower, LogStore
+from fluster_worker.logs.docker_cli import death_signal_prefix
 from fluster_worker.node import DiskWatch, NodeConditions
 from fluster_worker.node.conditions import UNAVAILABLE
 from fluster_worker.web.listener import WebService
@@ -131,6 +132,8 @@ class Worker(MultiService):
         self.devices = JobDevices(
             None, shm_size_bytes=config.accelerator_shm_bytes, tpu_memlock_unlimited=config.tpu_memlock_unlimited
         )
+        # No `docker logs` outlives the worker, even one killed with SIGKILL.
+        tail_prefix = death_signal_prefix()
         kit = Toolkit(
             reactor=reactor,
             store=self.store,
@@ -146,6 +149,8 @@ class Worker(MultiService):
                 cid,
                 lambda: self.runtime.is_running(cid),
                 last_entries=lambda n: self.runtime.last_log_entries(cid, n),
+                engine_ready=self.runtime.health.ready,
+                command_prefix=tail_prefix,
             ),
             slots=DeferredSemaphore(jobs),
             container_env=ContainerEnv(_container_controller_address(config.controller)).of,

@@ -114,6 +114,9 @@ def worker_config(tmp_path: Path, **overrides: Any) -> WorkerConfig:
         worker_id=f"t{uuid.uuid4().hex[:8]}",
         ca_bundle=CA_BUNDLE,
         max_concurrent_jobs=4,
+        # A test worker that stops takes its jobs with it (no container outlives
+        # the test); the tests of re-adoption ask for the default.
+        stop_jobs_on_exit=True,
     )
     values.update(overrides)
     return WorkerConfig(**values)

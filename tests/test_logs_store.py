@@ -642,19 +642,22 @@ def test_without_a_query_nothing_is_moved(tmp_path: Path, clock: Clock) -> None:
     assert log.shifted_lines == 0
 
 
-def test_a_closed_log_keeps_its_timestamps(tmp_path: Path, clock: Clock) -> None:
+def test_a_reopened_log_puts_new_lines_after_the_stored_ones(tmp_path: Path, clock: Clock) -> None:
     store = make_store(tmp_path, clock)
     log = store.open("job")
     stamped(log, "stdout", [(10, "o1")])
     assert data(poll(store, clock, 0)) == ["o1"]
     result(clock, log.close())
-    assert data(poll(store, clock, 0)) == ["o1"]  # a closed job: read from disk, no mark
-    again = store.open("job")  # a new JobLog starts without a mark
+    assert data(poll(store, clock, 0)) == ["o1"]  # a closed job: read from disk
+    # Reopened (a restarted worker follows the job again): every stored line may
+    # have been served, so the mark starts at the newest one.
+    again = store.open("job")
     again.append_batch("stderr", [T0 + 5 * MS], [b"early"])
     assert [(x.data, x.timestamp_ns) for x in query(store, clock, "job")] == [
-        ("early", T0 + 5 * MS),
         ("o1", T0 + 10 * MS),
+        ("early", T0 + 11 * MS),
     ]
+    assert again.shifted_lines == 1
 
 
 class QueuedPool:

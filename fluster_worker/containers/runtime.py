@@ -252,7 +252,8 @@ class ContainerRuntime(Service):
         return Deferred.fromCoroutine(run()).addErrback(_first_error)
 
     def is_running(self, container_id: str) -> Deferred[bool]:
-        """Whether the container is running now; False when gone or unreachable."""
+        """Whether the container is running now; False when gone. ContainerError
+        when the engine does not answer (unknown: it may well run on)."""
 
         def check(api: Any) -> bool:
             try:
@@ -260,7 +261,7 @@ class ContainerRuntime(Service):
             except docker.errors.NotFound:
                 return False
 
-        return self._call("container inspect", check).addErrback(lambda _: False)
+        return self._call("container inspect", check)
 
     def last_log_entries(self, container_id: str, count: int) -> Deferred[dict[int, bytes]]:
         """The container's last ``count`` timestamped log entries per stream (1 stdout,

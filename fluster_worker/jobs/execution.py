@@ -252,20 +252,23 @@ class JobExecution:
             if self.refused:
                 self._done.fire(rec)
             return
-        if outcome.error and outcome.state in (JobState.FAILED, JobState.WORKER_FAILED):
-            self._log("error", outcome.error)
-        problem = self._supervisor.log_problem if self._supervisor is not None else ""
-        problem = problem or await self._close_log()
-        error = outcome.error
-        if problem:
-            error = f"{error}; logs incomplete: {problem}" if error else f"logs incomplete: {problem}"
         if self._supervisor is not None:
             refused = await self._check_result()
             if refused and outcome.state is JobState.SUCCEEDED:
                 outcome = Outcome(JobState.FAILED, refused, outcome.exit_code)
-                error = f"{refused}; {error}" if error else refused
-            if refused:
-                self._log("error", refused)
+            elif refused:
+                self._log("error", refused)  # it ended otherwise; still say what it left
+        if outcome.error and outcome.state in (JobState.FAILED, JobState.WORKER_FAILED):
+            self._log("error", outcome.error)
+        problem = self._supervisor.log_problem if self._supervisor is not None else ""
+        closing = await self._close_log()
+        problem = problem or closing
+        if self.job_log is not None and self.job_log.lost_lines:
+            lost = f"{self.job_log.lost_lines} lines could not be written ({self.job_log.write_error})"
+            problem = f"{lost}; {problem}" if problem else lost
+        error = outcome.error
+        if problem:
+            error = f"{error}; logs incomplete: {problem}" if error else f"logs incomplete: {problem}"
         self._release()
         # The terminal record on disk before the container goes (see the module doc).
         at = self._now_ms()

@@ -340,6 +340,35 @@ class JobFiles:
                 os.close(fd)
         return source.last_ts, count
 
+    def lines_since(self, name: str, since_ns: int) -> int:
+        """How many stored lines of the source carry a timestamp >= ``since_ns``
+        (the newest ones: timestamps never decrease within a source)."""
+        with self.lock:  # no segment is deleted meanwhile
+            count = 0
+            for segment in reversed(self._sources[name].segments):
+                if not segment.entries:
+                    continue
+                idx_path, _ = segment_paths(self.directory, name, segment.number)
+                fd = os.open(idx_path, os.O_RDONLY)
+                try:
+                    position = segment.entries
+                    while position > 0:
+                        first = max(position - 1024, 0)
+                        stamps = read_entries(fd, first, position - first)[0::3]
+                        for stamp in reversed(stamps):
+                            if stamp < since_ns:
+                                return count
+                            count += 1
+                        position = first
+                finally:
+                    os.close(fd)
+            return count
+
+    def newest_timestamp(self) -> int | None:
+        """The newest stored timestamp of any source (None: no lines)."""
+        stamps = [s.last_ts for s in self._sources.values() if s.last_seq >= 0]
+        return max(stamps) if stamps else None
+
     def stats(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
         """Lines, bytes and dropped lines per source."""
         with self.lock:

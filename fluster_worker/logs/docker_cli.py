@@ -5,6 +5,8 @@ environment they run in (what the CLI needs from ours, nothing else)."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,22 @@ _ENV_KEYS = (
     "XDG_RUNTIME_DIR",
 )
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def death_signal_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL --`` when this machine has a setpriv that knows
+    the option (util-linux): a child run under it dies with its parent, even
+    one killed with SIGKILL. [] when it has none."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return []
+    try:
+        out = subprocess.run(
+            [setpriv, "--help"], capture_output=True, text=True, timeout=10, env={"PATH": _DEFAULT_PATH}
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"] if "--pdeathsig" in out.stdout else []
 
 
 def default_env() -> dict[str, str]:

@@ -97,6 +97,9 @@ class JobLog:
         self._gate_waiting = False
         self._warned = False
         self._mark = ServedMark()
+        #: Lines that could not be written (a full disk), and the last such error.
+        self.lost_lines = 0
+        self.write_error = ""
 
     # -- appending --------------------------------------------------------------------
 
@@ -172,6 +175,19 @@ class JobLog:
             if self._broken is not None:
                 return None
             return await self._pool.run(self._files.resume_point, source)
+
+        return Deferred.fromCoroutine(run())
+
+    def lines_since(self, source: str, since_ns: int) -> Deferred[int]:
+        """How many stored lines of ``source`` carry a timestamp >= ``since_ns``,
+        once everything appended is written."""
+
+        async def run() -> int:
+            await self.ready()
+            await self.flush(sync=False)
+            if self._broken is not None:
+                return 0
+            return await self._pool.run(self._files.lines_since, source, since_ns)
 
         return Deferred.fromCoroutine(run())
 
@@ -286,6 +302,9 @@ class JobLog:
     def _after_load(self, _: None) -> None:
         self._loaded = True
         self._committed_lines = sum(s.entries for s in self._files.view().segments)
+        newest = self._files.newest_timestamp()
+        if newest is not None:
+            self._mark.raise_to(newest // 1_000_000)  # see served.py
         self._ready.fire(None)
 
     def _load_failed(self, error: LogWriteError) -> None:
@@ -319,10 +338,13 @@ class JobLog:
             self._in_flight_bytes = 0
 
         def lost(error: LogWriteError) -> None:
-            # The batch is lost (a disk error): the waiters that covered it learn it.
+            # The batch is lost (a disk error): the waiters that covered it learn
+            # it, and so does whoever reads lost_lines at the job's end.
             self._files.next_seq = base + end
             self._written = self._synced = end
             self._in_flight_bytes = 0
+            self.lost_lines += count
+            self.write_error = str(error)
             self._waiters.fail(error, up_to=end)
 
         self._run("write", write, written, lost)
@@ -331,6 +353,7 @@ class JobLog:
         self._synced = max(self._synced, written)
 
     def _sync_failed(self, error: LogWriteError) -> None:
+        self.write_error = str(error)
         self._synced = self._written
         self._waiters.fail(error, up_to=self._written)
 
@@ -340,6 +363,8 @@ class JobLog:
         self._closed.fire(None)
 
     def _drop_pending(self, error: LogWriteError) -> None:
+        self.lost_lines += self._pending.lines
+        self.write_error = str(error)
         self._written = self._synced = self._appended
         self._pending.clear()
         self._waiters.fail(error, up_to=self._appended)

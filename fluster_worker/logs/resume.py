@@ -7,6 +7,16 @@ older than that timestamp are skipped, then as many lines with exactly that
 timestamp as were stored; everything after is new (``accept``). It also keeps
 the newest stored lines, to tell whether Docker's last entries are stored
 (``ends_like``).
+
+A follower that resumes from lines stored by an earlier process (a restarted
+worker) cannot trust their timestamps: a stored line may have been moved a few
+milliseconds later so that a poller sees it (served.py). So such a stream starts
+counting instead (``resume``): the tail starts at a fixed ``--since`` and the
+first ``count`` lines Docker sends of this stream, the stored lines stamped at
+or after that moment, are skipped (and remembered as if stored now, with
+Docker's own timestamps); from the first new line on, the cursor works as above.
+This holds as long as no stored line was moved by more than the margin between
+that moment and the oldest stream's last stored line.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ CHECK_LINES = 16  # entries compared when the container has exited
 class StreamCursor:
     """One stream (stdout or stderr) of a followed container."""
 
-    __slots__ = ("source", "parser", "last_ts", "count", "skip_ts", "skip_left", "recent")
+    __slots__ = (
+        "source", "parser", "last_ts", "count", "skip_ts", "skip_left", "recent", "resume_count", "skip_count"
+    )
 
     def __init__(self, source: str, max_line_bytes: int) -> None:
         self.source = source
@@ -29,10 +41,29 @@ class StreamCursor:
         self.skip_ts: int | None = None  # after a restart: skip up to (skip_ts, skip_left)
         self.skip_left = 0
         self.recent: list[tuple[int, bytes]] = []  # the newest stored lines
+        # Counting (see the module doc): lines to skip from the resume moment on.
+        self.resume_count: int | None = None
+        self.skip_count = 0
+
+    @property
+    def counting(self) -> bool:
+        """Still skipping lines an earlier process stored (the tail must start
+        at the resume moment)."""
+        return self.resume_count is not None
+
+    def resume(self, count: int) -> None:
+        """Skip the first ``count`` lines of every tail until they are past."""
+        self.resume_count = count if count > 0 else None
+        self.skip_count = 0
 
     def restart(self, max_line_bytes: int) -> None:
         """A new tail starts: parse afresh, and skip what is stored already."""
         self.parser = StreamParser(max_line_bytes)
+        if self.resume_count is not None:
+            self.skip_count = self.resume_count
+            self.last_ts, self.count, self.recent = None, 0, []
+            self.skip_ts = None
+            return
         self.skip_ts = self.last_ts
         self.skip_left = self.count
 
@@ -41,6 +72,15 @@ class StreamCursor:
         moves past them (the caller stores them)."""
         if not lines:
             return stamps, lines
+        if self.skip_count > 0:
+            n = min(self.skip_count, len(lines))
+            self._track(stamps[:n], lines[:n])
+            self.skip_count -= n
+            if self.skip_count == 0:
+                self.resume_count = None  # past what was stored: as usual from here
+            stamps, lines = stamps[n:], lines[n:]
+            if not lines:
+                return stamps, lines
         if self.skip_ts is not None:
             i, n = 0, len(stamps)
             while i < n:
@@ -57,6 +97,11 @@ class StreamCursor:
                 stamps, lines = stamps[i:], lines[i:]
             if not lines:
                 return stamps, lines
+        self._track(stamps, lines)
+        return stamps, lines
+
+    def _track(self, stamps: list[int], lines: list[bytes]) -> None:
+        """The cursor moves past stored lines."""
         last = stamps[-1]
         same = 1
         while same < len(stamps) and stamps[-1 - same] == last:
@@ -67,7 +112,6 @@ class StreamCursor:
             self.count = same
         self.last_ts = last
         self.recent = (self.recent + list(zip(stamps[-CHECK_LINES:], lines[-CHECK_LINES:], strict=True)))[-CHECK_LINES:]
-        return stamps, lines
 
     def ends_like(self, window: list[tuple[int, bytes]]) -> bool:
         """Whether Docker's last entries of this stream (``window``: timestamp,

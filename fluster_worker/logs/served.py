@@ -18,10 +18,11 @@ A query's read and its update of the mark, and a batch's adjustment and write,
 hold the mark's ``lock`` (both run on pool threads), so no batch lands between a
 read and the mark it sets; a regex scan thus holds back that job's writes for at
 most its budget. A closed job's log no longer changes and has no mark; a JobLog
-opened again starts a new one. ``JobLog.resume_point`` reports stored
-timestamps, so a LogFollower started on a log holding moved lines (the worker
-never does that: a new attempt starts from an empty log, and a restarted worker
-removes old containers) could skip lines Docker stamped within the shift.
+opened again starts with its mark at its newest stored line (a worker restarted
+under a running job: a client may have seen every stored line, so a line
+resumed from Docker that is stamped earlier sorts after them). A LogFollower
+that resumes from stored lines counts them rather than trusting their (maybe
+moved) timestamps: see resume.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ class ServedMark:
                 shifted = [floor if ts < floor else ts for ts in stamps]
                 self.shifted_lines += sum(1 for ts in stamps if ts < floor)
                 batches[source] = (shifted, seqs, lines)
+
+    def raise_to(self, timestamp_ms: int) -> None:
+        """Raise the mark to ``timestamp_ms`` (a reopened log: everything stored
+        may have been served)."""
+        with self.lock:
+            if self._served_ms is None or timestamp_ms > self._served_ms:
+                self._served_ms = timestamp_ms
 
     def served(self, read: Callable[[], list[LogLine]]) -> list[LogLine]:
         """Run a query's ``read`` (on a pool thread) and raise the mark to the

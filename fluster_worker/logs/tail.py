@@ -30,12 +30,21 @@ tail ends:
   step of the host clock during a restart could duplicate a few lines).
 
 A follower started on a JobLog that already has container lines (a worker restart)
-resumes the same way from what the store holds (``JobLog.resume_point``).
+resumes from what the store holds: its tail starts ``resume_margin_s`` before the
+oldest stream's last stored line, and per stream the lines stored from that
+moment on are counted and skipped (resume.py: their stored timestamps may have
+been moved).
 
 Restarts that store nothing and end badly back off (0.1 s doubling to 5 s); after
 ``max_failures`` of them in a row ``follow()`` fails with LogTailError, naming the
-CLI's last message. ``stop()`` (worker shutdown) kills the tail; ``follow()`` then
-fails with FollowStopped once the lines received so far are flushed.
+CLI's last message. While the engine is away (``engine_ready`` has not fired)
+the follower waits for it instead, and its failures start again from zero: an
+engine restart is no reason to give up a container's logs. ``stop()`` (worker
+shutdown) kills the tail; ``follow()`` then fails with FollowStopped once the
+lines received so far are flushed.
+
+``command_prefix`` runs the CLI under a wrapper, e.g. ``setpriv --pdeathsig KILL
+--`` so that no tail outlives a worker that dies without stopping it.
 
 Back-pressure: while more than ``max_pending_bytes`` appended bytes wait for the
 disk, the tail's pipes are not read (so memory stays bounded and Docker waits).
@@ -47,7 +56,7 @@ next reads find full pipes (the reactor wakes up per 8 KiB, not per line).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -65,6 +74,7 @@ from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
 from fluster_worker.logs.resume import CHECK_LINES, StreamCursor
 
 _FDS = {1: "stdout", 2: "stderr"}
+_CHILD_FDS = {0: "w", 1: "r", 2: "r"}
 _FULL_READ = 8192  # what Twisted's process reader asks for at a time
 
 
@@ -102,6 +112,8 @@ class LogFollower:
         max_pending_bytes: int = 64 * 2**20,
         read_delay_s: float = 0.005,
         last_entries: Callable[[int], Deferred[dict[int, bytes]]] | None = None,
+        engine_ready: Callable[[], Deferred[None]] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         """``last_entries(n)``, when given, fetches the container's last ``n``
         timestamped entries per stream ({1: stdout bytes, 2: stderr bytes}, as
@@ -125,6 +137,10 @@ class LogFollower:
         self._max_pending = max_pending_bytes
         self._read_delay = read_delay_s
         self._last_entries = last_entries
+        self._engine_ready = engine_ready
+        self._engine_wait: Deferred[None] | None = None
+        self._prefix = list(command_prefix)
+        self._resume_since: int | None = None  # the fixed --since while streams count (resume.py)
         self._streams = {fd: StreamCursor(source, max_line_bytes) for fd, source in _FDS.items()}
         # IDLE -> STARTING -> TAILING <-> (CHECKING | WAITING) -> DONE
         self._state = "idle"
@@ -182,6 +198,9 @@ class LogFollower:
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
+            if self._engine_wait is not None:
+                wait, self._engine_wait = self._engine_wait, None
+                wait.cancel()
             self._finish_stopped()
         # starting / checking: noticed when that step completes
 
@@ -193,10 +212,16 @@ class LogFollower:
 
     async def _start(self) -> None:
         if self._resume:
+            stored = []
             for stream in self._streams.values():
                 point = await self._job_log.resume_point(stream.source)
                 if point is not None:
-                    stream.last_ts, stream.count = point
+                    stored.append(point[0])
+            if stored:
+                since = max(min(stored) - self._margin_ns, 0)
+                self._resume_since = since
+                for stream in self._streams.values():
+                    stream.resume(await self._job_log.lines_since(stream.source, since))
         if self._stopping:
             self._finish_stopped()
             return
@@ -207,7 +232,9 @@ class LogFollower:
         args = [self._docker, "logs", "--timestamps"]
         if not self._draining:
             args.insert(2, "--follow")
-        if known:
+        if self._resume_since is not None and any(s.counting for s in self._streams.values()):
+            args += ["--since", format_since(self._resume_since)]
+        elif known:
             since = max(min(known) - self._margin_ns, 0)
             args += ["--since", format_since(since)]
         for stream in self._streams.values():
@@ -219,7 +246,7 @@ class LogFollower:
         self._state = "tailing"
         self.log.debug("tailing {cid}: {args}", cid=self._container_id, args=args[1:])
         try:
-            self._spawn(self._protocol, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
+            self._spawn_cli(self._protocol, args)
         except Exception as e:
             self._protocol = None
             self._last_message = f"cannot run {self._docker}: {e}"
@@ -344,15 +371,31 @@ class LogFollower:
         check = LastEntriesProtocol()
         args = [self._docker, "logs", "--tail", str(CHECK_LINES), "--timestamps", "--", self._container_id]
         try:
-            self._spawn(check, self._docker, args, env=self._env, childFDs={0: "w", 1: "r", 2: "r"})
+            self._spawn_cli(check, args)
         except Exception:
             self.log.failure("spawning docker logs --tail for {cid} failed", cid=self._container_id)
             return None
         return check.output if await check.done else None
 
+    def _spawn_cli(self, protocol: Any, args: list[str]) -> None:
+        if self._prefix:
+            self._spawn(protocol, self._prefix[0], [*self._prefix, *args], env=self._env, childFDs=_CHILD_FDS)
+        else:
+            self._spawn(protocol, self._docker, args, env=self._env, childFDs=_CHILD_FDS)
+
     def _retry(self) -> None:
         if not self._progress:
             self._failures += 1
+        if self._engine_ready is not None:
+            ready = self._engine_ready()
+            if not ready.called:
+                # The engine is away: no failure of the tail; wait for it.
+                self.log.info("docker logs for {cid}: waiting for the engine", cid=self._container_id)
+                self._failures = 0
+                self._state = "waiting"
+                self._engine_wait = ready
+                ready.addCallbacks(self._engine_back, lambda f: None)
+                return
         if self._failures > self._max_failures:
             message = f"docker logs for {self._short} failed {self._failures} times"
             if self._last_message:
@@ -362,6 +405,12 @@ class LogFollower:
         delay = 0.0 if self._failures == 0 else _RESTART.base(self._failures - 1)
         self._state = "waiting"
         self._timer = self._reactor.callLater(delay, self._restart)
+
+    def _engine_back(self, _: object) -> None:
+        if self._engine_wait is None:
+            return  # stopped meanwhile
+        self._engine_wait = None
+        self._restart()
 
     def _restart(self) -> None:
         self._timer = None
