@@ -26,12 +26,11 @@ happens to every build at worker shutdown (`abort_builds`).
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -66,6 +65,7 @@ from fluster_worker.images.dockerfile import (
 )
 from fluster_worker.images.gc import ImageGC, one_line
 from fluster_worker.images.output import BuildOutput
+from fluster_worker.images.inflight import InFlight, shut_down
 
 __all__ = [
     "CONTAINER_APP_DIR",
@@ -92,51 +92,6 @@ class BuildResult:
     from_cache: bool
     started_ms: int
     finished_ms: int
-
-
-@dataclass
-class _InFlight:
-    """One build of one tag, and the callers waiting for it."""
-
-    tag: str
-    waiters: list[tuple[Deferred[bool], Callable[[str], None]]] = field(default_factory=list)
-    # Called when the last waiter detaches.
-    abandoned: Callable[[_InFlight], None] = lambda build: None
-    aborted: threading.Event = field(default_factory=threading.Event)
-    # The HTTP response of its docker build once there is one (set on the pool thread).
-    response: Any = None
-
-    def attach(self, log: Callable[[str], None]) -> Deferred[bool]:
-        def detach(d: Deferred[bool]) -> None:
-            self.waiters[:] = [(w, f) for (w, f) in self.waiters if w is not d]
-            if not self.waiters:
-                self.abandoned(self)
-
-        d: Deferred[bool] = Deferred(canceller=detach)
-        self.waiters.append((d, log))
-        return d
-
-    def abort(self) -> None:
-        """Stop the build: at its next step, or now by shutting down the connection
-        its docker build streams on (the pool thread's read then returns)."""
-        self.aborted.set()
-        _shut_down(self.response)
-
-    def emit(self, lines: Sequence[str]) -> None:
-        for line in lines:
-            for _, log in list(self.waiters):  # a log callback may cancel its waiter
-                try:
-                    log(line)
-                except Exception:
-                    _log.failure("build log callback failed for {tag}", tag=self.tag)
-
-    def finish(self, result: bool | BaseException) -> None:
-        waiters, self.waiters = self.waiters, []
-        for d, _ in waiters:
-            if isinstance(result, BaseException):
-                d.errback(result)
-            else:
-                d.callback(result)
 
 
 _log = Logger()
@@ -188,7 +143,7 @@ class ImageBuilder:
         self._uv_bin = uv_bin
         self._repository = validate_repository(repository)
         self._uv_version: str | None = None
-        self._inflight: dict[str, _InFlight] = {}
+        self._inflight: dict[str, InFlight] = {}
         # Per-job inputs that rarely change, kept briefly (filled on pool threads).
         self._memo_lock = threading.Lock()
         self._base_id_memo: tuple[float, str] | None = None
@@ -246,7 +201,7 @@ class ImageBuilder:
         tag = inputs.tag
         build = self._inflight.get(tag)
         if build is None:
-            build = self._inflight[tag] = _InFlight(tag, abandoned=self._abandoned)
+            build = self._inflight[tag] = InFlight(tag, abandoned=self._abandoned)
             waiter = build.attach(log)
             Deferred.fromCoroutine(self._run_build(build, inputs))
         else:
@@ -255,7 +210,7 @@ class ImageBuilder:
         from_cache = await waiter
         return BuildResult(tag, from_cache, started_ms, self._now_ms())
 
-    async def _run_build(self, build: _InFlight, inputs: BuildInputs) -> None:
+    async def _run_build(self, build: InFlight, inputs: BuildInputs) -> None:
         tag = build.tag
         result: bool | BaseException
         try:
@@ -286,7 +241,7 @@ class ImageBuilder:
             del self._inflight[tag]
         build.finish(result)
 
-    def _abandoned(self, build: _InFlight) -> None:
+    def _abandoned(self, build: InFlight) -> None:
         """No caller waits for the build any more: abort it, and let a later
         caller of the same tag start a build of its own."""
         if self._inflight.get(build.tag) is build:
@@ -362,7 +317,7 @@ class ImageBuilder:
             return False
         return True
 
-    def _docker_build(self, build: _InFlight, inputs: BuildInputs) -> None:
+    def _docker_build(self, build: InFlight, inputs: BuildInputs) -> None:
         """Blocking: writes the context, runs the build, streams its lines to
         the waiters (through the reactor thread)."""
         uv_bin, _ = self._uv()
@@ -394,7 +349,7 @@ class ImageBuilder:
                 labels=inputs.labels(),
             )
             if build.aborted.is_set():
-                _shut_down(build.response)  # aborted while the request was being sent
+                shut_down(build.response)  # aborted while the request was being sent
             for chunk in stream:
                 if (error := stopped()) is not None:
                     # Dropping the stream closes the connection; the engine then
@@ -465,7 +420,7 @@ class ImageBuilder:
         if build is not None and "/build" in str(getattr(response, "url", "")):
             build.response = response
             if build.aborted.is_set():
-                _shut_down(response)
+                shut_down(response)
 
     def _uv(self) -> tuple[Path, str]:
         """Blocking, cached: the uv binary copied into images and its version."""
@@ -489,21 +444,3 @@ class ImageBuilder:
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
 
-
-def _shut_down(response: Any) -> None:
-    """Shut down the socket under a streaming HTTP response (any thread): a read
-    blocked on it returns. Best effort: nothing when it cannot be found."""
-    if response is None:
-        return
-    raw = getattr(response, "raw", None)
-    connection = getattr(raw, "_connection", None) or getattr(raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is None:
-        fp = getattr(raw, "_fp", None)
-        sock = getattr(getattr(getattr(fp, "fp", None), "raw", None), "_sock", None)
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

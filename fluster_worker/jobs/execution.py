@@ -171,8 +171,8 @@ class JobExecution:
             self._outcome = self._stopped()
         except Exception as e:
             self._outcome = self._failure(e)
-        finally:
-            await self._end()
+        # Not in a finally: a coroutine dropped unfinished (a test's) must not await.
+        await self._end()
 
     async def _prepare_and_start(self) -> None:
         kit, rec = self._kit, self.record
@@ -279,7 +279,7 @@ class JobExecution:
             if saved:
                 await self._remove_container()
             else:
-                kit.store.saved(rec.job_id).addCallback(lambda _: self._remove_container())
+                kit.store.saved(rec.job_id).addCallback(lambda _: Deferred.fromCoroutine(self._remove_container()))
         self._conclude(rec, outcome.state, error, outcome.exit_code, at)
         kit.changed(rec)
         self._done.fire(rec)

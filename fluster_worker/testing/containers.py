@@ -35,7 +35,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import Clock
 
 from fluster_worker.common.waiters import Waiters
-from fluster_worker.containers.runtime import WORKER_ID_LABEL, ContainerError, ContainerSpec, ExitStatus, UsageSample
+from fluster_worker.containers.runtime import (
+    ATTEMPT_ID_LABEL,
+    JOB_ID_LABEL,
+    WORKER_ID_LABEL,
+    ContainerError,
+    ContainerInfo,
+    ContainerSpec,
+    EngineHealth,
+    ExitStatus,
+    UsageSample,
+)
 from fluster_worker.testing.logs import docker_line
 
 T = TypeVar("T")
@@ -63,6 +73,7 @@ class FakeContainer:
     term_delay_s: float = 0.0
     usage: UsageSample | None = None  # what ``sample`` answers while it runs
     output: list[tuple[str, int, str]] = field(default_factory=list)  # (source, timestamp_ns, line)
+    stored: int = 0  # lines of ``output`` a FakeLogFollower stored
     _exits: Waiters[ExitStatus] = field(default_factory=Waiters)
     # Called after each printed line and at the exit (the log followers).
     watchers: list[Callable[[], None]] = field(default_factory=list)
@@ -75,12 +86,14 @@ class FakeContainer:
     def labels(self) -> dict[str, str]:
         return dict(self.spec.labels)
 
-    def exit(self, code: int = 0, *, oom_killed: bool = False) -> None:
-        """The process ends (no-op unless running)."""
+    def exit(self, code: int = 0, *, oom_killed: bool = False, engine_stopped: bool = False) -> None:
+        """The process ends (no-op unless running); ``engine_stopped``: the engine
+        stopped it (it was going down)."""
         if self.state != "running":
             return
         self.state = "exited"
-        self.status = ExitStatus(code, oom_killed, int(self.runtime.clock.seconds() * 1000))
+        now_ms = int(self.runtime.clock.seconds() * 1000)
+        self.status = ExitStatus(code, oom_killed, now_ms, engine_stopped)
         self.runtime._waiting.pop(self.id, None)
         self._exits.fire(self.status)
         self._notify()
@@ -139,6 +152,10 @@ class FakeContainerRuntime(Service):
         self.calls: list[tuple[Any, ...]] = []
         self.running_service = False
         self.engine_error: str | None = None  # every call fails with this while set
+        # The engine's reachability as the real runtime's events stream reports
+        # it; ``engine_down``/``engine_up`` move it (and ``engine_error``).
+        self.health = EngineHealth(self.clock)
+        self.health.connected(live_restore=False)
         self._holds: dict[str, Hold] = {}
         self.reached: list[Hold] = []  # holds whose call arrived
         self._failures: dict[str, Exception] = {}
@@ -183,6 +200,16 @@ class FakeContainerRuntime(Service):
         if state == "exited":
             container.exit(0)
         return container
+
+    def engine_down(self, reason: str = "Docker engine unreachable: connection refused") -> None:
+        """The engine goes away: every call fails, health says so."""
+        self.engine_error = reason
+        self.health.stream_lost()
+        self.health.connect_failed(reason)
+
+    def engine_up(self) -> None:
+        self.engine_error = None
+        self.health.connected(live_restore=False)
 
     def operations(self, name: str) -> list[tuple[Any, ...]]:
         """The recorded calls of one operation."""
@@ -235,6 +262,19 @@ class FakeContainerRuntime(Service):
                         d.errback(error)
 
         return self._op("remove", container_id, remove)
+
+    def inventory(self) -> Deferred[list[ContainerInfo]]:
+        def list_() -> list[ContainerInfo]:
+            infos = []
+            for c in self.live():
+                try:
+                    attempt = int(c.labels.get(ATTEMPT_ID_LABEL, ""))
+                except ValueError:
+                    attempt = -1
+                infos.append(ContainerInfo(c.id, c.name, c.labels.get(JOB_ID_LABEL, ""), attempt, c.state))
+            return infos
+
+        return self._op("inventory", "", list_)
 
     def list_ours(self) -> Deferred[list[str]]:
         return self._op("list_ours", "", lambda: [c.id for c in self.live()])
@@ -290,7 +330,12 @@ class FakeContainerRuntime(Service):
             self._waiting.setdefault(container.id, []).append(d)
         return d
 
-    def terminate(self, container_id: str, grace_seconds: float) -> Deferred[ExitStatus]:
+    def terminate(
+        self,
+        container_id: str,
+        grace_seconds: float,
+        on_sigterm: Callable[[bool], None] | None = None,
+    ) -> Deferred[ExitStatus]:
         if not self.running_service:
             return fail(ContainerError("container terminate failed: the container runtime is not running"))
 
@@ -302,6 +347,11 @@ class FakeContainerRuntime(Service):
                 container = self.containers[container_id]
                 if not container.started:
                     raise ContainerError(f"container terminate failed: {container_id[:64]} was never started")
+                delivered = container.state == "running"
+                if on_sigterm is not None:
+                    # As the real runtime: the answer of the SIGTERM call comes
+                    # before the exit it causes is reported.
+                    on_sigterm(delivered)
                 container.deliver("SIGTERM")
                 if not exited.called:
                     timer = self.clock.callLater(max(0.0, grace_seconds), container.deliver, "SIGKILL")
@@ -327,8 +377,11 @@ class FakeContainerRuntime(Service):
         self.running_service = False
         error = ContainerError("container wait failed: the container runtime stopped")
         waiting, self._waiting = self._waiting, {}
-        for ds in waiting.values():
+        for cid, ds in waiting.items():
+            container = self.containers.get(cid)
             for d in ds:
+                if container is not None:
+                    container._exits._drop(d)  # its exit no longer reaches this waiter
                 if not d.called:
                     d.errback(error)
         return succeed(None)

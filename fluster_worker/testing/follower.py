@@ -25,7 +25,7 @@ class FakeLogFollower:
         self.fail_with: str | None = None
         self.follow_calls = 0
         self.stopped = False
-        self._stored = 0  # lines of container.output stored
+
         self._state: Literal["idle", "following", "done"] = "idle"
         self._result: Failure | None = None
         self._waiters: Waiters[None] = Waiters()
@@ -49,9 +49,11 @@ class FakeLogFollower:
     def _changed(self) -> None:
         if self._state != "following":
             return
-        for source, timestamp_ns, line in self.container.output[self._stored :]:
+        # From the first line no follower stored: a follower of a re-adopted
+        # container resumes where the previous one stopped, as the real one does.
+        for source, timestamp_ns, line in self.container.output[self.container.stored :]:
             self.job_log.append(source, line, timestamp_ns)
-        self._stored = len(self.container.output)
+        self.container.stored = len(self.container.output)
         if self.container.state in ("exited", "removed"):
             error = None if self.fail_with is None else Failure(LogTailError(self.fail_with))
             self._finish(error)

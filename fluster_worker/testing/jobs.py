@@ -31,6 +31,7 @@ from fluster_worker.jobs.manager import JobManager
 from fluster_worker.jobs.model import JobRecord, JobRequest
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import LogQuery, LogStore
+from fluster_worker.node import NodeConditions
 from fluster_worker.testing.builder import FakeImageBuilder
 from fluster_worker.testing.bundle import FakeBundleCache
 from fluster_worker.testing.containers import FakeContainer, FakeContainerRuntime
@@ -92,16 +93,24 @@ class JobRig:
         auto_build: bool = True,
         bundle_dir: Path | None = None,
         devices: JobDevices | None = None,
+        stop_jobs_on_exit: bool = False,
+        conditions: NodeConditions | None = None,
+        runtime: FakeContainerRuntime | None = None,
     ) -> None:
+        """``runtime``: the containers (and clock) of an earlier rig on the same
+        ``root``: a worker restarted on the same engine and state dir."""
         self.root = root
-        self.clock = Clock()
-        self.clock.advance(T0)
+        if runtime is not None:
+            self.clock = runtime.clock
+        else:
+            self.clock = Clock()
+            self.clock.advance(T0)
         self.pool = PausablePool()
-        self.store = JobStore(root / "jobs", self.pool)  # type: ignore[arg-type]
+        self.store = JobStore(root / "jobs", self.pool, clock=self.clock)  # type: ignore[arg-type]
         self.logs = LogStore(root / "logs", self.pool, self.clock, batch_delay_s=0)  # type: ignore[arg-type]
         self.bundles = FakeBundleCache(auto=bundle_dir)
         self.builder = FakeImageBuilder(self.clock, auto_finish=auto_build)
-        self.runtime = FakeContainerRuntime(self.clock, worker_id)
+        self.runtime = runtime if runtime is not None else FakeContainerRuntime(self.clock, worker_id)
         self.followers = FakeLogFollowers(self.runtime)
         self.slots = DeferredSemaphore(slots)
         # The fakes have the interfaces the job core uses, not the classes' types.
@@ -119,6 +128,8 @@ class JobRig:
             default_kill_grace=default_kill_grace,
             usage_interval=usage_interval,
             devices=devices or JobDevices(),
+            engine_ready=self.runtime.health.ready,
+            engine_up=lambda: self.runtime.health.up,
         )
         self.ports = PortAllocator(*port_range, is_free=lambda port: True)
         self.manager = JobManager(
@@ -131,6 +142,9 @@ class JobRig:
             retention_count=retention_count,
             retention_seconds=retention_seconds,
             shutdown_grace_seconds=shutdown_grace_seconds,
+            stop_jobs_on_exit=stop_jobs_on_exit,
+            conditions=conditions,
+            engine=self.runtime.health,
         )
         # Every change the manager announces: (job id, state name, status message).
         self.changes: list[tuple[str, str, str]] = []
