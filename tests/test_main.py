@@ -88,3 +88,22 @@ def test_an_explicit_ca_bundle_wins_and_empty_means_none(
     assert parse().config.ca_bundle == ca_files["requests"]
     monkeypatch.setenv("FLUSTER_WORKER_CA_BUNDLE", "")
     assert parse().config.ca_bundle is None
+
+
+def test_jobs_outlive_the_worker_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLUSTER_WORKER_STOP_JOBS_ON_EXIT", raising=False)
+    assert parse().config.stop_jobs_on_exit is False
+    assert parse("--stop-jobs-on-exit").config.stop_jobs_on_exit is True
+    monkeypatch.setenv("FLUSTER_WORKER_STOP_JOBS_ON_EXIT", "1")
+    assert parse().config.stop_jobs_on_exit is True
+    monkeypatch.setenv("FLUSTER_WORKER_STOP_JOBS_ON_EXIT", "maybe")
+    with pytest.raises(usage.UsageError, match="STOP_JOBS_ON_EXIT"):
+        parse()
+
+
+def test_disk_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLUSTER_WORKER_MIN_FREE_DISK_BYTES", "1000")
+    config = parse("--low-free-disk-bytes", "5000").config
+    assert (config.min_free_disk_bytes, config.low_free_disk_bytes) == (1000, 5000)
+    with pytest.raises(usage.UsageError):
+        parse("--min-free-disk-bytes", "-1")

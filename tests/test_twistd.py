@@ -105,5 +105,6 @@ def test_help_documents_every_option_from_any_directory(tmp_path: Path) -> None:
     for option in (
         "--listen", "--cache-dir", "--state-dir", "--worker-id", "--controller", "--base-image",
         "--max-concurrent-jobs", "--port-range", "--ca-bundle", "FLUSTER_WORKER_BASE_IMAGE",
+        "--stop-jobs-on-exit", "FLUSTER_WORKER_STOP_JOBS_ON_EXIT", "--min-free-disk-bytes", "--low-free-disk-bytes",
     ):
         assert option in out

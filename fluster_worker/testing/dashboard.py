@@ -166,6 +166,8 @@ class FakeWorker:
     logs: FakeLogs = field(default_factory=FakeLogs)
     address: str = "10.1.2.3:8080"
     registration: Any = None
+    conditions: Any = None  # a NodeConditions, when a test gives one
+    disk: Any = None  # something with ``free_bytes``
     manager: FakeManager = field(init=False)
     #: Never started: the fake's requests are small enough to parse inline.
     cpu_pool: BlockingPool = field(init=False)
