@@ -21,6 +21,18 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 ENGINE_LOCK = os.environ.get("FLUSTER_TEST_ENGINE_LOCK", "/tmp/fluster-test-engine.lock")
 
 
+# Tests that own the machine (they stop dockerd or fill a disk) run last, after
+# everything that needs the engine up and the disk free.
+MACHINE_MARKERS = ("engine_outage", "small_disk")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def owns_machine(item: pytest.Item) -> bool:
+        return any(item.get_closest_marker(name) is not None for name in MACHINE_MARKERS)
+
+    items.sort(key=owns_machine)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def _engine_lock() -> Iterator[IO[bytes]]:
     with open(ENGINE_LOCK, "ab") as handle:

@@ -460,3 +460,22 @@ def test_no_lock_per_job_outlives_its_writes(tmp_path: Path) -> None:
     rig.settle()
     assert rig.manager.job_count() == 3
     assert rig.store._locks == {}
+
+
+def test_a_kill_before_the_jobs_are_taken_over_is_kept_and_carried_out(tmp_path: Path) -> None:
+    rig = JobRig(tmp_path, slots=1, auto_build=False)
+    rig.start()
+    rig.submit("a")
+    rig.submit("b")
+    result(rig, rig.stop())
+    rig.runtime.engine_down()  # the new process cannot take its jobs over yet
+    again = JobRig(tmp_path, runtime=rig.runtime, slots=1, auto_build=False)
+    again.start()
+    killing = kill(again, "b", 1000)
+    again.settle()
+    assert on_disk(again, "b")["stop"]["state"] == "KILLED"
+    assert not killing.called
+    again.runtime.engine_up()
+    result(again, killing)
+    assert again.record("b").state is JobState.KILLED
+    assert [b.project_dir.parent.name for b in again.builder.builds] == ["a"]

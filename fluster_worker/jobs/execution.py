@@ -106,6 +106,8 @@ class JobExecution:
         assert self._kit.admission is not None
         self._ticket = self._kit.admission.enter(self.record.spec)
         self._accepted = accepted
+        # A kill asked for before a restart: the job ends KILLED without running.
+        self._stop = self.record.stop
         return Deferred.fromCoroutine(self._run(None))
 
     def adopt(self, container: ContainerInfo) -> Deferred[None]:

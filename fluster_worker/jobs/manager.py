@@ -42,9 +42,10 @@ from fluster_worker.jobs.model import (
     JobState,
     PreconditionFailed,
     ResourcesExhausted,
+    StopRequest,
     WorkerUnavailable,
 )
-from fluster_worker.jobs.outcome import lost_outcome
+from fluster_worker.jobs.outcome import KILLED_BY_REQUEST, lost_outcome
 from fluster_worker.jobs.recovery import plan_recovery
 from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
@@ -342,12 +343,26 @@ class JobManager(Service):
 
     async def kill(self, job_id: str, term_timeout_ms: int) -> None:
         record = self.get(job_id)
-        execution = self._active.get(job_id)
-        if record.state.terminal or execution is None:
-            raise PreconditionFailed(f"job {job_id} already finished as {record.state.name}")
         if term_timeout_ms < 0:
             raise InvalidJobRequest(f"invalid term_timeout_ms {term_timeout_ms}")
         grace = min((term_timeout_ms or 5000) / 1000.0, self._max_kill_grace)
+        execution = self._active.get(job_id)
+        if execution is None and not record.state.terminal and not self._reconciled.happened:
+            # A job of the previous worker process, not taken over yet (that needs
+            # the engine): the kill is kept in its record and carried out then.
+            if record.stop is None:
+                record.stop = StopRequest(JobState.KILLED.name, KILLED_BY_REQUEST, self._now_ms(), int(grace * 1000))
+                self._changed(record)
+            waiting = self._reconciled.wait()
+            waiting.addTimeout(grace + KILL_SETTLE_SECONDS, self._reactor)  # type: ignore[arg-type]
+            try:
+                await waiting
+            except TimeoutError:
+                self.log.warn("job {job_id} will be killed once the engine answers", job_id=job_id)
+                return
+            execution = self._active.get(job_id)
+        if record.state.terminal or execution is None:
+            raise PreconditionFailed(f"job {job_id} already finished as {record.state.name}")
         self.log.info("killing job {job_id} (grace {grace} s)", job_id=job_id, grace=grace)
         # The caller waits for the job to end, but never much past its grace:
         # past it the SIGKILL is on its way, and the record tells the rest.
