@@ -479,3 +479,19 @@ def test_a_kill_before_the_jobs_are_taken_over_is_kept_and_carried_out(tmp_path:
     result(again, killing)
     assert again.record("b").state is JobState.KILLED
     assert [b.project_dir.parent.name for b in again.builder.builds] == ["a"]
+
+
+def test_a_job_that_ended_before_its_deadline_while_away_is_no_timeout(tmp_path: Path) -> None:
+    rig = JobRig(tmp_path)
+    rig.start()
+    running(rig, timeout_seconds=30)
+    container = rig.container()
+    result(rig, rig.stop())
+    rig.clock.advance(10)
+    container.exit(0)
+    rig.clock.advance(60)  # the worker comes back after the deadline
+    again = JobRig(tmp_path, runtime=rig.runtime)
+    again.start()
+    record = again.record()
+    assert (record.state, record.error) == (JobState.SUCCEEDED, "")
+    assert "timeout" not in " ".join(again.lines(source="error"))

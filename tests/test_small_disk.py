@@ -67,7 +67,7 @@ async def test_a_full_state_disk_is_reported_and_never_a_silent_success(
     tmp_path: Path, small_fs: Path, docker_client: Any
 ) -> None:
     config = worker_config(
-        tmp_path, state_dir=small_fs / "state", min_free_disk_bytes=8 * MiB, low_free_disk_bytes=40 * MiB
+        tmp_path, state_dir=small_fs / "state", min_free_disk_bytes=8 * MiB, low_free_disk_bytes=64 * MiB
     )
     h = await start_worker(config)
     try:

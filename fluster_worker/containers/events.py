@@ -93,7 +93,8 @@ class ExitWatcher:
         # Kills we sent (container -> [(signal number, until)]) and kills we did
         # not (container -> when): see the module doc.
         self._expected_kills: dict[str, list[tuple[str, float]]] = {}
-        self._foreign_kills: dict[str, float] = {}
+        # container -> (when, how many streams were lost by then)
+        self._foreign_kills: dict[str, tuple[float, int]] = {}
         self._settling: set[IDelayedCall] = set()
 
     def _now_ms(self) -> int:
@@ -181,6 +182,12 @@ class ExitWatcher:
             self._check_exit(container_id, exit_code_hint)
 
     def _exited(self, container_id: str, status: ExitStatus, after_outage: bool) -> None:
+        kill = self._foreign_kills.get(container_id)
+        if kill is not None and self._engine_went_away(kill[1]):
+            # Stopped by someone else, and the engine went away right after: it
+            # was the engine, stopping.
+            self._release(container_id, replace(status, engine_stopped=True))
+            return
         outage = self.health.outage
         if (
             after_outage
@@ -190,20 +197,21 @@ class ExitWatcher:
         ):
             self._release(container_id, replace(status, engine_stopped=True))
             return
-        killed_at = self._foreign_kills.get(container_id)
-        if killed_at is None or self._reactor.seconds() - killed_at > _KILL_MEMORY_S:
+        if kill is None or self._reactor.seconds() - kill[0] > _KILL_MEMORY_S:
             self._release(container_id, status)
             return
         # Stopped by someone else: the engine, if its stream goes away now.
-        breaks = self.health.breaks
-        call = self._reactor.callLater(self._settle_s, self._settled, container_id, status, breaks)
+        call = self._reactor.callLater(self._settle_s, self._settled, container_id, status, kill[1])
         self._settling.add(call)
+
+    def _engine_went_away(self, breaks: int) -> bool:
+        return self.health.breaks != breaks or not self.health.up
 
     def _settled(self, container_id: str, status: ExitStatus, breaks: int) -> None:
         self._settling = {c for c in self._settling if c.active()}
         if self.state != "running":
             return
-        engine = self.health.breaks != breaks or not self.health.up
+        engine = self._engine_went_away(breaks)
         self._release(container_id, replace(status, engine_stopped=engine) if engine else status)
 
     def _release(self, container_id: str, status: ExitStatus) -> None:
@@ -300,13 +308,16 @@ class ExitWatcher:
                 del expected[i]
                 break
         else:
-            self._foreign_kills[container_id] = now
+            self._foreign_kills.setdefault(container_id, (now, self.health.breaks))
         if expected:
             self._expected_kills[container_id] = expected
         else:
             self._expected_kills.pop(container_id, None)
-        for cid in [c for c, at in self._foreign_kills.items() if now - at > _KILL_MEMORY_S]:
-            del self._foreign_kills[cid]
+        # Forget old ones, but not those the engine went away after (their exit
+        # may only be found once it is back).
+        for cid, (at, breaks) in list(self._foreign_kills.items()):
+            if now - at > _KILL_MEMORY_S and (not self._engine_went_away(breaks) or now - at > 3600):
+                del self._foreign_kills[cid]
 
     def _log_from_thread(self, text: str, **fields: object) -> None:
         self._from_threads.callFromThread(lambda: log.warn(text, **fields))

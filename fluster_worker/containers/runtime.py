@@ -81,7 +81,11 @@ class ContainerRuntime(Service):
         pool: BlockingPool,
         client_factory: Callable[[], docker.DockerClient],
         worker_id: str,
+        *,
+        exit_settle_s: float = 5.0,
     ) -> None:
+        """``exit_settle_s``: how long an exit that followed a kill we did not
+        send waits to see whether the engine is going away (events.py)."""
         check_text("worker id", worker_id, allow_empty=False)
         if len(worker_id) > 256:
             raise ValueError("worker id is longer than 256 characters")
@@ -94,7 +98,9 @@ class ContainerRuntime(Service):
         # Exit waiters and the events thread; its state is the service's:
         # "stopped" -> "running" -> "stopping" -> "stopped".
         self.health = EngineHealth(reactor)
-        self._exits = ExitWatcher(reactor, self._engine, worker_id, self._forget_sample, self.health)
+        self._exits = ExitWatcher(
+            reactor, self._engine, worker_id, self._forget_sample, self.health, settle_s=exit_settle_s
+        )
 
     # -- plumbing -----------------------------------------------------------
 

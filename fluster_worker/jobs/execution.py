@@ -239,7 +239,9 @@ class JobExecution:
         if rec.build.image_tag:
             self._release_image = kit.builder.lease(rec.build.image_tag)
         assert self.job_log is not None
-        self._supervisor = Supervisor(rec, self._container_id, kit, self.job_log, adopted=True)
+        self._supervisor = Supervisor(
+            rec, self._container_id, kit, self.job_log, adopted=True, exited=container.state == "exited"
+        )
         if rec.state is not JobState.RUNNING:
             # Started by a worker that stopped before it could say so.
             self._move(JobState.RUNNING, "running")

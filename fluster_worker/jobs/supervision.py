@@ -45,13 +45,23 @@ class Supervisor:
     log = Logger()
 
     def __init__(
-        self, record: JobRecord, container_id: str, kit: Toolkit, job_log: JobLog, *, adopted: bool = False
+        self,
+        record: JobRecord,
+        container_id: str,
+        kit: Toolkit,
+        job_log: JobLog,
+        *,
+        adopted: bool = False,
+        exited: bool = False,
     ) -> None:
+        """``adopted``: the container was started by an earlier worker process;
+        ``exited``: and it has exited since (no timeout or sampling to run)."""
         self.record = record
         self.container_id = container_id
         self._kit = kit
         self._job_log = job_log
         self._adopted = adopted
+        self._exited_before = exited
         # A stop asked for by the previous worker process: whether its signal
         # was delivered is unknown (see exit_outcome).
         self._inherited_stop = adopted and record.stop is not None and not record.stop.signalled_ms
@@ -77,14 +87,15 @@ class Supervisor:
             raise Detached()
         self._exited = kit.runtime.wait(self.container_id)
         follow_done = self._follower.follow()
-        if rec.deadline_ms:
+        if rec.deadline_ms and not self._exited_before:
             delay = max(0.0, (rec.deadline_ms - self._now_ms()) / 1000.0)
             self._timer = kit.reactor.callLater(delay, self._timeout)
-        self._sampler = LoopingCall(self._sample)
-        self._sampler.clock = kit.reactor
-        self._sampler.start(kit.usage_interval, now=self._adopted).addErrback(
-            lambda f: self.log.failure("usage sampling failed", f)
-        )
+        if not self._exited_before:
+            self._sampler = LoopingCall(self._sample)
+            self._sampler.clock = kit.reactor
+            self._sampler.start(kit.usage_interval, now=self._adopted).addErrback(
+                lambda f: self.log.failure("usage sampling failed", f)
+            )
         if rec.stop is not None:
             # A stop asked for before the start, or before a restart: carry it out.
             self._send_stop(rec.stop.grace_ms / 1000.0)

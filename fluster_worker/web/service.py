@@ -40,10 +40,11 @@ class WorkerService:
         """Answered once the job is on disk: an accepted job survives a crash."""
         try:
             record = self._manager.submit(wire.job_request(request))
+            response = wire.run_response(record)  # its state when accepted
             await self._manager.accepted(record.job_id)
         except JobError as e:
             raise wire.connect_error(e) from None
-        return wire.run_response(record)
+        return response
 
     async def GetJobStatus(self, request: pb.GetJobStatusRequest) -> pb.JobStatus:
         try:
