@@ -147,7 +147,9 @@ def test_logs_that_could_not_be_collected_do_not_change_the_outcome(rig: JobRig)
     rig.container().exit(0)
     rig.settle()
     assert record.state is JobState.SUCCEEDED
-    assert any("log collection failed" in line for line in rig.lines(source="error"))
+    # ...but never silently: the job says its logs are incomplete.
+    assert record.error == "logs incomplete: LogTailError: docker logs for container 0123 failed 9 times: EOF"
+    assert any("logs incomplete" in line for line in rig.lines(source="error"))
 
 
 def test_usage_is_sampled_while_the_job_runs(rig: JobRig) -> None:

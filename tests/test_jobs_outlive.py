@@ -495,3 +495,14 @@ def test_a_job_that_ended_before_its_deadline_while_away_is_no_timeout(tmp_path:
     record = again.record()
     assert (record.state, record.error) == (JobState.SUCCEEDED, "")
     assert "timeout" not in " ".join(again.lines(source="error"))
+
+
+def test_a_stopping_worker_starts_nothing_with_the_slots_it_lets_go(tmp_path: Path) -> None:
+    rig = JobRig(tmp_path, slots=1)
+    rig.start()
+    running(rig, "a")
+    rig.submit("b")
+    assert rig.record("b").state is JobState.PENDING
+    result(rig, rig.stop())
+    assert rig.record("b").state is JobState.PENDING
+    assert [c.labels["fluster.job_id"] for c in rig.runtime.containers.values()] == ["a"]

@@ -64,8 +64,8 @@ from fluster_worker.images.dockerfile import (
     validate_repository,
 )
 from fluster_worker.images.gc import ImageGC, one_line
-from fluster_worker.images.output import BuildOutput
 from fluster_worker.images.inflight import InFlight, shut_down
+from fluster_worker.images.output import BuildOutput
 
 __all__ = [
     "CONTAINER_APP_DIR",

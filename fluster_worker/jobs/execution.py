@@ -80,7 +80,8 @@ class JobExecution:
         self._entrypoint = entrypoint
         self._kit = kit
         self._stop: StopRequest | None = None
-        self._detaching = False
+        self._detaching = False  # no further step
+        self._detached = False
         # Cancellers of what the pipeline is waiting for (a slot, the engine, the bundle, the image).
         self._hooks: list[Callable[[], None]] = []
         self._done: Once[JobRecord] = Once()
@@ -144,10 +145,16 @@ class JobExecution:
                 cancel()
         return self.done()
 
+    def freeze(self) -> None:
+        """Take no further step (the worker is stopping: a slot one job gives back
+        must not start another)."""
+        self._detaching = True
+
     def detach(self) -> None:
         """Stop watching the job and leave it as it is (the worker stops)."""
-        if self._detaching or self._outcome is not None:
+        if self._detached or self._outcome is not None:
             return
+        self._detached = True
         self._detaching = True
         if self._supervisor is not None:
             self._supervisor.detach()
@@ -265,6 +272,8 @@ class JobExecution:
         if outcome.error and outcome.state in (JobState.FAILED, JobState.WORKER_FAILED):
             self._log("error", outcome.error)
         problem = self._supervisor.log_problem if self._supervisor is not None else ""
+        if problem:
+            self._log("error", f"logs incomplete: {problem}")
         closing = await self._close_log()
         problem = problem or closing
         if self.job_log is not None and self.job_log.lost_lines:
@@ -273,7 +282,6 @@ class JobExecution:
         error = outcome.error
         if problem:
             error = f"{error}; logs incomplete: {problem}" if error else f"logs incomplete: {problem}"
-        self._release()
         # The terminal record on disk before the container goes (see the module doc).
         at = self._now_ms()
         final = JobRecord.from_json(rec.to_json())
@@ -284,6 +292,9 @@ class JobExecution:
                 await self._remove_container()
             else:
                 kit.store.saved(rec.job_id).addCallback(lambda _: Deferred.fromCoroutine(self._remove_container()))
+        # Its slot and devices are free once the container is gone (or has exited,
+        # when it is kept until the record is saved).
+        self._release()
         self._conclude(rec, outcome.state, error, outcome.exit_code, at)
         kit.changed(rec)
         self._done.fire(rec)

@@ -235,8 +235,12 @@ class JobManager(Service):
         if self._pruner.running:
             self._pruner.stop()
         if not self._stop_jobs_on_exit:
-            # The jobs run on; the next worker process re-adopts them.
-            for execution in list(self._active.values()):
+            # The jobs run on; the next worker process re-adopts them. All stop
+            # taking steps first: a slot one gives back must not start another.
+            executions = list(self._active.values())
+            for execution in executions:
+                execution.freeze()
+            for execution in executions:
                 execution.detach()
             return succeed(None)
         stopping = [
@@ -289,6 +293,7 @@ class JobManager(Service):
         # job takes its place in line now (arrival order) and waits for that.
         persisted: Once[None] = Once()
         self._persisted[job_id] = persisted
+        self._notify(record)  # PENDING
         cleared = self._forget_files(job_id) if existing is not None else succeed(None)
         cleared.addCallback(lambda _: self._store.prepare(job_id, request.entrypoint))
         cleared.addCallback(lambda _: self._store.save(record))
@@ -397,6 +402,9 @@ class JobManager(Service):
         self._store.save(record).addErrback(
             lambda f: self.log.failure("saving job {job_id} failed", f, job_id=record.job_id)
         )
+        self._notify(record)
+
+    def _notify(self, record: JobRecord) -> None:
         for listener in list(self._listeners):
             try:
                 listener(record)

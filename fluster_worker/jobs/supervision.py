@@ -76,6 +76,7 @@ class Supervisor:
         self._sigterm: Deferred[None] | None = None
         self._stop_retry = False
         self._terminating = False  # a terminate call is under way
+        self._grace: float | None = None  # its grace, as shortened
         #: What went wrong with the job's logs, if anything ("" if nothing).
         self.log_problem = ""
 
@@ -188,9 +189,12 @@ class Supervisor:
     def _send_stop(self, grace: float) -> None:
         if self._terminating:
             # A termination is under way: a shorter grace brings its SIGKILL forward.
-            self._kit.runtime.terminate(self.container_id, grace).addErrback(lambda f: None)
+            if self._grace is None or grace < self._grace:
+                self._grace = grace
+                self._kit.runtime.terminate(self.container_id, grace).addErrback(lambda f: None)
             return
         self._terminating = True
+        self._grace = grace
         sigterm: Deferred[None] = Deferred()
         self._sigterm = sigterm
 
