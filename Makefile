@@ -57,6 +57,7 @@ bench: install base-image
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/logs.py
 	$(BIN)/python bench/kill.py
+	$(BIN)/python bench/restart.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
