@@ -8,10 +8,12 @@ A real ``twistd fluster-worker`` process (tests/workerproc.py) on the real engin
    SIGKILLed and started again ``--kills`` times (one kill every few seconds).
    Once they end, their stored stdout is compared with what they printed:
    missing lines, duplicated lines, jobs not SUCCEEDED. Goal: 0 lost.
-2. Start to serving: a state dir with 4 running jobs and ``--finished`` finished
-   ones (their records written as a worker writes them). SIGKILL, start again;
-   measured from the process start to (a) listening, (b) HealthCheck healthy and
-   ListJobs listing every job, (c) the 4 running jobs taken over. Goal (b) <= 2 s.
+2. Stop and start: with 4 running jobs, the time a SIGTERM takes to end the
+   worker (it leaves the jobs running; about 2 s is the aim). Then a state dir
+   with those 4 running jobs and ``--finished`` finished ones (their records
+   written as a worker writes them); measured from the process start to (a)
+   listening, (b) HealthCheck healthy and ListJobs listing every job, (c) the 4
+   running jobs taken over. Goal (b) <= 2 s.
 3. Extra latency of a re-adopted job: a job prints a last line and exits; the
    time from that line's timestamp to GetJobStatus answering SUCCEEDED (polled
    every 10 ms), for jobs watched by one worker throughout and for jobs taken
@@ -133,7 +135,7 @@ async def start_to_serving(tmp: Path, bundle: Path, finished: int) -> None:
         for job_id in ids:
             while (await client.status(job_id)).state != pb.JOB_STATE_RUNNING:
                 await pause(0.1)
-        worker.kill()
+        stopping = await worker.terminate()
         jobs_dir = worker.root / "state" / "jobs"
         now_ms = int(time.time() * 1000)
         for i in range(finished):
@@ -156,8 +158,9 @@ async def start_to_serving(tmp: Path, bundle: Path, finished: int) -> None:
         while "recovery: 4 containers re-adopted" not in worker.log_path.read_text():
             await pause(0.01)
         adopted = time.monotonic() - started
-        print(f"2. start to serving with 4 running and {finished} finished jobs: listening {listening:.2f} s, "
-              f"HealthCheck + ListJobs of all {serving:.2f} s (goal <= 2 s), running jobs taken over {adopted:.2f} s")
+        print(f"2. SIGTERM to exit with 4 running jobs: {stopping:.2f} s; start to serving with 4 running and "
+              f"{finished} finished jobs: listening {listening:.2f} s, HealthCheck + ListJobs of all "
+              f"{serving:.2f} s (goal <= 2 s), running jobs taken over {adopted:.2f} s")
         for job_id in ids:
             await client.kill(job_id, term_timeout_ms=1000)
     finally:
