@@ -56,7 +56,7 @@ def job(bundle: Path, ep: bytes, job_id: str) -> pb.RunJobRequest:
 
 
 async def api_stats(url: str) -> dict[str, Any]:
-    response = await treq.get(f"{url}/api/stats")
+    response = await treq.get(f"{url}/api/v1/stats")
     return await response.json()  # type: ignore[no-any-return]
 
 

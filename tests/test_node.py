@@ -1,5 +1,5 @@
 """Node conditions: the engine unreachable and the disk nearly full, as the
-worker shows them (HealthCheck, the dashboard, /api/stats, /metrics), with the
+worker shows them (HealthCheck, the dashboard, /api/v1/stats, /metrics), with the
 heartbeats they pause. Fakes only (a Clock, the fake worker, a scripted
 controller client)."""
 
@@ -130,7 +130,7 @@ def test_health_dashboard_api_and_metrics_say_why() -> None:
     page = scraper._done(scraper.stub.get("http://w/"))
     html = scraper._done(scraper.stub.content(page)).decode()
     assert "unhealthy" in html and "Docker engine unreachable: connection refused" in html
-    stats = scraper._done(scraper.stub.json_content(scraper._done(scraper.stub.get("http://w/api/stats"))))
+    stats = scraper._done(scraper.stub.json_content(scraper._done(scraper.stub.get("http://w/api/v1/stats"))))
     assert stats["healthy"] is False
     assert stats["conditions"][0]["name"] == "engine"
     assert "connection refused" in stats["conditions"][0]["reason"]

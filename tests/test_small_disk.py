@@ -59,7 +59,7 @@ def job(bundle: Path, ep: bytes, job_id: str) -> pb.RunJobRequest:
 
 
 async def stats(url: str) -> dict[str, Any]:
-    return await (await treq.get(f"{url}/api/stats")).json()  # type: ignore[no-any-return]
+    return await (await treq.get(f"{url}/api/v1/stats")).json()  # type: ignore[no-any-return]
 
 
 @pytest_twisted.ensureDeferred
