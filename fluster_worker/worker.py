@@ -211,7 +211,7 @@ class Worker(MultiService):
         if up:
             self.conditions.clear("engine")
         else:
-            self.conditions.set("engine", UNAVAILABLE, reason)
+            self.conditions.set("engine", UNAVAILABLE, reason, cause="Docker engine unreachable")
 
     def _health_changed(self, healthy: bool) -> None:
         """Heartbeats only while the node can take work: the controller sends

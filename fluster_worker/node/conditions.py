@@ -34,8 +34,13 @@ HealthListener = Callable[[bool], None]
 class Condition:
     name: str  # "engine", "disk", ...
     severity: str
-    reason: str  # one line
+    reason: str  # one line, with the numbers of the moment
     since_ms: int
+    cause: str = ""  # the same, without them: a metric label that stays put
+
+    @property
+    def label(self) -> str:
+        return self.cause or self.reason
 
     @property
     def blocking(self) -> bool:
@@ -52,8 +57,9 @@ class NodeConditions:
         self._conditions: dict[str, Condition] = {}
         self._listeners: list[HealthListener] = []
 
-    def set(self, name: str, severity: str, reason: str) -> None:
-        """Raise (or update) condition ``name``."""
+    def set(self, name: str, severity: str, reason: str, cause: str = "") -> None:
+        """Raise (or update) condition ``name``; ``cause``: ``reason`` without the
+        figures that change from one check to the next."""
         if severity not in _SEVERITIES:
             raise ValueError(f"unknown severity {severity!r}")
         old = self._conditions.get(name)
@@ -61,7 +67,7 @@ class NodeConditions:
             return
         since = old.since_ms if old is not None and old.severity == severity else self._now_ms()
         was_healthy = self.healthy
-        self._conditions[name] = Condition(name, severity, reason, since)
+        self._conditions[name] = Condition(name, severity, reason, since, cause)
         if old is None or old.severity != severity:
             self.log.warn("node condition {name} ({severity}): {reason}", name=name, severity=severity, reason=reason)
         self._notify(was_healthy)

@@ -138,15 +138,17 @@ class DiskWatch(Service):
                 EXHAUSTED,
                 f"disk nearly full: {_size(tightest.free_bytes)} free under {tightest.path}, "
                 f"below the floor of {_size(self.floor_bytes)}: new jobs are refused",
+                cause="disk nearly full: below the free-space floor",
             )
         elif problems:
-            self._conditions.set(CONDITION, EXHAUSTED, problems[0])
+            self._conditions.set(CONDITION, EXHAUSTED, problems[0], cause="job records cannot be saved")
         elif tightest is not None and tightest.free_bytes < self.low_bytes:
             self._conditions.set(
                 CONDITION,
                 WARNING,
                 f"low disk space: {_size(tightest.free_bytes)} free under {tightest.path} "
                 f"(new jobs are refused below {_size(self.floor_bytes)})",
+                cause="low disk space",
             )
         else:
             self._conditions.clear(CONDITION)

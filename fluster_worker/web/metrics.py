@@ -20,7 +20,9 @@ Names (all prefixed ``fluster_worker_``):
   ``device_in_use{kind,device}``: 1 while a job holds that device.
 - ``healthy``: gauge, 1 while the node takes work (no blocking condition).
 - ``node_condition{condition,severity,reason}``: gauge, 1 per current condition
-  (``engine``: the Docker engine unreachable; ``disk``: low or below the floor).
+  (``engine``: the Docker engine unreachable; ``disk``: low or below the floor);
+  the reason without the figures of the moment (those are in ``disk_free_bytes``
+  and on the dashboard), so that the series stay put.
 - ``disk_free_bytes``: gauge, the least free space under the state and cache dirs.
 
 The counters move from ``JobManager.add_listener`` events, counted once per job id and
@@ -219,7 +221,7 @@ class WorkerMetrics:
             labels=["condition", "severity", "reason"],
         )
         for condition in self._conditions.current() if self._conditions is not None else []:
-            conditions.add_metric([condition.name, condition.severity, condition.reason[:200]], 1)
+            conditions.add_metric([condition.name, condition.severity, condition.label[:200]], 1)
         yield conditions
         free = getattr(self._disk, "free_bytes", None)
         if isinstance(free, int):
