@@ -60,6 +60,12 @@ class WorkerConfig:
     tpu_devices: tuple[str, ...] = ("/dev/accel*", "/dev/vfio/*")
     accelerator_shm_bytes: int = 16 * 2**30  # /dev/shm of GPU and TPU jobs
     tpu_memlock_unlimited: bool = True  # RLIMIT_MEMLOCK of TPU jobs: unlimited, else the engine's
+    # (uid, gid) jobs run as; None: 10001:10001 when the worker is root, else the worker's own.
+    job_user: tuple[int, int] | None = None
+    max_env_vars: int = 1000
+    max_env_bytes: int = 128 * 2**10
+    max_job_disk_bytes: int | None = 10 * 2**30  # None: unlimited
+    keep_workdir: bool = False
 
     @property
     def cpu_count(self) -> int:

@@ -16,6 +16,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from fluster_worker.config import HOST_CA_VARIABLES, WorkerConfig, host_ca_bundle
+from fluster_worker.containers.resources import parse_disk
+from fluster_worker.jobs.sandbox import JobUser
 
 _DEFAULTS = WorkerConfig()
 #: Defaults that are not one value, as --help shows them.
@@ -61,6 +63,13 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
         "low-free-disk-bytes", None, str(_DEFAULTS.low_free_disk_bytes),
         "Free space below which the worker warns (dashboard, /metrics).", int,
     ),
+    ("job-user", None, None, "UID[:GID] jobs run as, or root (default: 10001:10001 when the worker "
+     "is root, else the worker's own).", lambda text: JobUser.parse(text)),
+    ("max-env-vars", None, str(_DEFAULTS.max_env_vars), "Most environment variables a job may set.", int),
+    ("max-env-bytes", None, str(_DEFAULTS.max_env_bytes), "Largest total size of a job's environment.", int),
+    ("max-job-disk", None, "10g", "Most a job may write (/workdir, /tmp, its result); 0: no limit.",
+     lambda text: _disk_size(text)),
+    ("keep-workdir", None, "no", "Keep a finished job's /workdir and /tmp (yes/no).", lambda text: _yes_no(text)),
 ]
 
 # (name, help): flags, also read from FLUSTER_WORKER_<NAME> (1/true/yes/on).
@@ -72,6 +81,25 @@ _FLAGS: list[tuple[str, str]] = [
         "dir re-adopts them.",
     ),
 ]
+
+
+def _disk_size(text: str) -> int:
+    """Bytes ("10g", "512m", ...); 0 means no limit."""
+    if text.strip() == "0":
+        return 0
+    size = parse_disk(text)
+    if size is None:
+        raise ValueError(text)
+    return size
+
+
+def _yes_no(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("yes", "true", "1", "on"):
+        return True
+    if word in ("no", "false", "0", "off"):
+        return False
+    raise ValueError(text)
 
 
 def env_name(option: str) -> str:
@@ -152,6 +180,15 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
     for name in ("min-free-disk-bytes", "low-free-disk-bytes"):
         if values.get(name, 0) < 0:
             raise usage.UsageError(f"--{name} must be at least 0")
+    for name in ("max-env-vars", "max-env-bytes"):
+        if values[name] < 0:
+            raise usage.UsageError(f"--{name} must be at least 0")
+    job_user: JobUser | None = values.get("job-user")
+    if job_user is not None and os.geteuid() != 0 and (job_user.uid, job_user.gid) != (os.geteuid(), os.getegid()):
+        raise usage.UsageError(
+            f"--job-user {job_user.docker}: a worker that is not root runs jobs as itself "
+            f"({os.geteuid()}:{os.getegid()}); only root can hand their directories to another user"
+        )
     return WorkerConfig(
         listen=values["listen"],
         cache_dir=values["cache-dir"],
@@ -184,6 +221,11 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         stop_jobs_on_exit=bool(opts.get("stop-jobs-on-exit")),
         min_free_disk_bytes=values["min-free-disk-bytes"],
         low_free_disk_bytes=values["low-free-disk-bytes"],
+        job_user=(job_user.uid, job_user.gid) if job_user is not None else None,
+        max_env_vars=values["max-env-vars"],
+        max_env_bytes=values["max-env-bytes"],
+        max_job_disk_bytes=values["max-job-disk"] or None,
+        keep_workdir=values["keep-workdir"],
     )
 
 

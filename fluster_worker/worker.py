@@ -27,6 +27,7 @@ from twisted.web.server import Site
 
 from fluster_worker.accelerators import Accelerators, discover
 from fluster_worker.bundles.cache import BundleCache
+from fluster_worker.common.files import make_private_dir
 from fluster_worker.common.http import quiet_http_client
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
@@ -47,7 +48,9 @@ from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.env import ContainerEnv
 from fluster_worker.jobs.execution import Toolkit
 from fluster_worker.jobs.manager import JobManager
+from fluster_worker.jobs.sandbox import JobUser, Sandbox
 from fluster_worker.jobs.store import JobStore
+from fluster_worker.jobs.validation import RequestLimits
 from fluster_worker.logs import LogFollower, LogStore
 from fluster_worker.logs.docker_cli import death_signal_prefix
 from fluster_worker.node import DiskWatch, NodeConditions
@@ -97,7 +100,10 @@ class Worker(MultiService):
         self.logs = LogStore(
             config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
         )
-        self.store = JobStore(config.state_dir / "jobs", self.file_pool, clock=reactor)
+        job_user = JobUser(*config.job_user) if config.job_user is not None else JobUser.default()
+        self.store = JobStore(
+            config.state_dir / "jobs", self.file_pool, clock=reactor, owner=(job_user.uid, job_user.gid)
+        )
         self.disk = DiskWatch(
             reactor,
             self.file_pool,
@@ -108,7 +114,7 @@ class Worker(MultiService):
             problems=[lambda: self.store.save_error],
         )
         self.disk.setServiceParent(self)
-                # Bundle downloads: a pool of our own, quiet (no log line per connection).
+        # Bundle downloads: a pool of our own, quiet (no log line per connection).
         self._http_pool: HTTPConnectionPool | None = None
         if http_client is None:
             http_client, self._http_pool = quiet_http_client(reactor, max_per_host=4, idle_timeout_s=30)
@@ -151,6 +157,7 @@ class Worker(MultiService):
                 last_entries=lambda n: self.runtime.last_log_entries(cid, n),
                 engine_ready=self.runtime.health.ready,
                 command_prefix=tail_prefix,
+                stall_s=10.0,  # the engine's log rotates (capped): Docker 20.10 may lose its place
             ),
             slots=DeferredSemaphore(jobs),
             container_env=ContainerEnv(_container_controller_address(config.controller)).of,
@@ -159,6 +166,7 @@ class Worker(MultiService):
             devices=self.devices,
             engine_ready=self.runtime.health.ready,
             engine_up=lambda: self.runtime.health.up,
+            sandbox=Sandbox(job_user, config.keep_workdir, config.log_max_stream_bytes),
         )
         self.ports = PortAllocator(*config.port_range)
         self.manager = JobManager(
@@ -174,6 +182,7 @@ class Worker(MultiService):
             stop_jobs_on_exit=config.stop_jobs_on_exit,
             conditions=self.conditions,
             engine=self.runtime.health,
+            limits=RequestLimits(config.max_env_vars, config.max_env_bytes, config.max_job_disk_bytes),
         )
         self.registration: Registration | None = None
         self.reports: ReportQueue | None = None
@@ -366,7 +375,11 @@ def assemble(config: WorkerConfig, reactor: Any, **overrides: Any) -> Worker:
     """The whole worker from a WorkerConfig: what ``makeService`` returns."""
     from fluster_worker.web.app import build_site
 
-    # Once, before the reactor runs: a small file read at start-up.
+    # Once, before the reactor runs: small file work at start-up. Both
+    # directories hold what no other local user may read (job secrets, the
+    # jobs' own files): 0700.
+    make_private_dir(config.state_dir)
+    make_private_dir(config.cache_dir)
     worker_id = load_or_create_worker_id(config.state_dir, config.worker_id)
     worker = Worker(config, reactor, worker_id=worker_id, **overrides)
     worker.add_web(build_site(worker))

@@ -630,13 +630,14 @@ async def test_one_waiter_cancels_others_get_the_bundle(make_cache: Any, pool: R
 # Eviction and restart.
 
 
-def sized(tmp_path: Path, name: str, size: int = 100) -> str:
+def sized(tmp_path: Path, name: str, size: int = 100_000) -> str:
+    # About 106 KB on disk with its directory (4 KiB blocks): the caps below count those.
     return str(write_zip(tmp_path / f"{name}.zip", {name: os.urandom(size)}))
 
 
 @pytest_twisted.ensureDeferred
 async def test_eviction_is_lru(make_cache: Any, tmp_path: Path) -> None:
-    cache = make_cache(max_cache_bytes=250)
+    cache = make_cache(max_cache_bytes=250_000)
     a, b, c = (sized(tmp_path, n) for n in "abc")
     lease_a = await cache.acquire(a)
     lease_a.release()
@@ -649,8 +650,23 @@ async def test_eviction_is_lru(make_cache: Any, tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_cache_counts_what_the_disk_really_holds(make_cache: Any, tmp_path: Path) -> None:
+    """1,000 one-byte files hold 1,000 blocks, not 1,000 bytes: the cap counts blocks."""
+    tiny = write_zip(tmp_path / "tiny.zip", {f"d{i % 10}/f{i}": b"x" for i in range(1000)})
+    block = os.statvfs(tmp_path).f_bsize
+    cache = make_cache(max_cache_bytes=1000 * block)  # under the cap only when counted as bytes
+    lines = Lines()
+    lease = await cache.acquire(str(tiny), log=lines)
+    size = int(re.search(r"unpacked \(sha256 \w+, (\d+) bytes\)", " ".join(lines)).group(1))  # type: ignore[union-attr]
+    assert size >= 1010 * block  # files and directories
+    lease.release()
+    await cache.idle()
+    assert bundles(tmp_path / "cache") == []  # over the cap once unleased: evicted
+
+
+@pytest_twisted.ensureDeferred
 async def test_eviction_spares_leased_bundles(make_cache: Any, tmp_path: Path) -> None:
-    cache = make_cache(max_cache_bytes=150)
+    cache = make_cache(max_cache_bytes=150_000)
     lease_a = await cache.acquire(sized(tmp_path, "a"))
     lease_b = await cache.acquire(sized(tmp_path, "b"))
     await cache.idle()

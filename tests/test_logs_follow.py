@@ -370,13 +370,14 @@ def test_any_kill_points(
     clock = T0
     last = {1: 0, 2: 0}
     log: list[tuple[int, int, bytes]] = []  # the container's json log: (fd, ts, raw line)
-    for fd, step, early, text in entries:
+    for i, (fd, step, early, text) in enumerate(entries):
         clock += step * 400_000_000  # steps of 0.4 s: since's margin re-sends some lines
         # Docker stamps a line before writing it: across streams the file order is
-        # not quite the timestamp order; within a stream it is.
+        # not quite the timestamp order; within a stream it is. Two lines may share
+        # a stamp, but never stamp and bytes both (that is a line sent again: resume.py).
         stamp = max(last[fd], clock - early * 100_000_000)
         last[fd] = stamp
-        log.append((fd, stamp, docker_line(stamp, text)))
+        log.append((fd, stamp, docker_line(stamp, f"{text}{i}")))
     rig.log = [(fd, raw) for fd, _, raw in log]
     done = outcome(rig.start())
     for kill in [*kills, *[None] * 3]:  # (a clean end may be followed by a drain)

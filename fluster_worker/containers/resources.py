@@ -23,6 +23,7 @@ __all__ = [
     "MAX_MEMORY_BYTES",
     "MIN_MEMORY_BYTES",
     "parse_cpu",
+    "parse_disk",
     "parse_memory",
 ]
 
@@ -78,6 +79,26 @@ def parse_memory(text: str) -> int | None:
         raise ValueError(
             f"invalid memory {_quote(text)}: below the minimum of 6m that Docker accepts"
         )
+    return size
+
+
+def parse_disk(text: str) -> int | None:
+    """Bytes for a disk size like "10g" or "512Mi" (same units as memory; a bare
+    number is megabytes); "" means none given (None). ValueError (one line) for
+    anything else, or a size under 1 MiB."""
+    if not isinstance(text, str):
+        raise TypeError(f"disk must be a str, not {type(text).__name__}")
+    if not text.strip():
+        return None
+    match = _MEMORY_RE.fullmatch(text) if len(text) <= _MAX_TEXT else None
+    if match is None:
+        raise ValueError(f"invalid disk {_quote(text)}: {_EXPECTED}")
+    shift = _UNIT_SHIFT[match.group("unit").lower()[:1]]
+    size = int(Fraction(match.group("number")) * (1 << shift))
+    if size < 2**20:
+        raise ValueError(f"invalid disk {_quote(text)}: below the minimum of 1m")
+    if size > MAX_MEMORY_BYTES:
+        raise ValueError(f"invalid disk {_quote(text)}: larger than the maximum of 4Ei")
     return size
 
 

@@ -154,6 +154,8 @@ class ContainerRuntime(Service):
                 memswap_limit=spec.memory_bytes,
                 auto_remove=False,
                 **_device_options(spec),
+                read_only=spec.read_only_rootfs,
+                log_config=_log_config(spec.log_max_bytes),
             )
             result = api.create_container(
                 spec.image,
@@ -166,12 +168,38 @@ class ContainerRuntime(Service):
                 tty=False,
                 stdin_open=False,
                 host_config=host_config,
+                user=spec.user or None,
                 # The job's env is exactly what the spec says, not the worker's proxies.
                 use_config_proxy=False,
             )
             return cast(str, result["Id"])
 
-        return self._call("container create", create)
+        return self._call("container create", create).addErrback(self._remove_half_created, spec.name)
+
+    def _remove_half_created(self, failure: Failure, name: str) -> Deferred[str]:
+        """A create that failed or timed out may still have left a container
+        (the engine finishes what the client gave up on): remove it if it is
+        ours and was never started. Not after a name conflict: that container
+        is another attempt's. Fails with the create's error in any case."""
+        error = failure.value
+        cause = error.__cause__ if isinstance(error, ContainerError) else error
+        if isinstance(cause, docker.errors.APIError) and cause.status_code == 409:
+            return fail(failure)
+
+        def remove(api: Any) -> None:
+            try:
+                info = api.inspect_container(name)
+            except docker.errors.NotFound:
+                return
+            labels = info.get("Config", {}).get("Labels") or {}
+            if labels.get(WORKER_ID_LABEL) == self.worker_id and info["State"].get("Status") == "created":
+                log.warn("removing container {name} left by a failed create", name=name)
+                api.remove_container(info["Id"], force=True)
+
+        def done(_: object) -> Deferred[str]:
+            return fail(failure)
+
+        return self._call("container remove", remove).addBoth(done)
 
     def start(self, container_id: str) -> Deferred[None]:
         """Start a created container. An engine that cannot hand out the GPUs the
@@ -486,6 +514,14 @@ def _device_start_error(failure: Failure) -> Failure:
             f"(RLIMIT_MEMLOCK; it lacks CAP_SYS_RESOURCE): {cause}"
         ) from error
     return failure
+
+
+def _log_config(max_bytes: int | None) -> docker.types.LogConfig | None:
+    """json-file, at most two files of ``max_bytes``: the engine keeps about what
+    the worker keeps of a job (a cap per stream), and ``docker logs`` reads it."""
+    if max_bytes is None:
+        return None
+    return docker.types.LogConfig(type="json-file", config={"max-size": str(max_bytes), "max-file": "2"})
 
 
 def _kill(api: Any, container_id: str, sig: str) -> bool:

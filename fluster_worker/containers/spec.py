@@ -34,6 +34,7 @@ _NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", re.ASCII)
 _NAME_MAX = 200
 _BAD_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+", re.ASCII)
 _GPU_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9/_-]{0,127}", re.ASCII)
+_USER_RE = re.compile(r"[0-9]{1,10}:[0-9]{1,10}", re.ASCII)
 
 
 def sanitize_name_part(text: str, max_len: int = 40) -> str:
@@ -114,6 +115,10 @@ class ContainerSpec:
     group_add: tuple[int, ...] = ()  # extra groups of the job's user (device nodes' groups)
     shm_size_bytes: int | None = None  # /dev/shm; None is the engine's 64 MiB
     memlock_unlimited: bool = False  # RLIMIT_MEMLOCK unlimited (device DMA pins memory)
+    user: str = ""  # "uid:gid"; "" is the image's (root)
+    read_only_rootfs: bool = False
+    # The engine's own json-file log: at most two files of this size (None: the engine's default).
+    log_max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or len(self.name) > _NAME_MAX or not (
@@ -171,3 +176,7 @@ class ContainerSpec:
                 raise ValueError(f"invalid group id {gid!r}")
         if self.shm_size_bytes is not None and self.shm_size_bytes <= 0:
             raise ValueError(f"invalid shm_size_bytes {self.shm_size_bytes}: must be positive or None")
+        if self.user and not _USER_RE.fullmatch(self.user):
+            raise ValueError(f"invalid user {self.user[:40]!r}: expected uid:gid")
+        if self.log_max_bytes is not None and self.log_max_bytes < 1024:
+            raise ValueError(f"invalid log_max_bytes {self.log_max_bytes}: at least 1024 or None")

@@ -1,9 +1,10 @@
-"""The environment of a job's container: what the request asked for, then the
-``FLUSTER_*`` variables of the wire contract overriding it."""
+"""The environment of a job's container: HOME, what the request asked for, then
+the ``FLUSTER_*`` variables of the wire contract overriding it."""
 
 from __future__ import annotations
 
 from fluster_worker.jobs.model import JobRecord
+from fluster_worker.jobs.sandbox import CONTAINER_WORKDIR
 
 
 class ContainerEnv:
@@ -13,7 +14,9 @@ class ContainerEnv:
         self._controller_address = controller_address
 
     def of(self, record: JobRecord) -> dict[str, str]:
-        env = dict(record.spec.env_vars)
+        # HOME: the job's writable directory (its uid has no passwd entry, and
+        # Docker's default "/" is read-only); the request may set another.
+        env = {"HOME": CONTAINER_WORKDIR, **record.spec.env_vars}
         env["FLUSTER_JOB_ID"] = record.job_id
         env["FLUSTER_ATTEMPT_ID"] = str(record.attempt_id)
         env["FLUSTER_WORKER_ID"] = record.worker_id

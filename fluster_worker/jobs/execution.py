@@ -36,17 +36,13 @@ from fluster_worker.common.text import one_line
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.devices import DevicesUnavailable
 from fluster_worker.containers.engine import engine_unreachable
-from fluster_worker.containers.runtime import ContainerError, ContainerInfo, ContainerSpec, Mount, container_name
+from fluster_worker.containers.runtime import ContainerError, ContainerInfo, ContainerSpec, container_name
 from fluster_worker.images.builder import BuildError
-from fluster_worker.images.dockerfile import (
-    CONTAINER_APP_DIR,
-    CONTAINER_ENTRYPOINT_PATH,
-    CONTAINER_OUT_DIR,
-    runner_command,
-)
+from fluster_worker.images.dockerfile import CONTAINER_APP_DIR, runner_command
 from fluster_worker.jobs.admission import Ticket
 from fluster_worker.jobs.model import JobRecord, JobState, StopRequest
 from fluster_worker.jobs.outcome import KILLED_BY_REQUEST, Outcome
+from fluster_worker.jobs.sandbox import CONTAINER_WORKDIR
 from fluster_worker.jobs.supervision import Detached, Supervisor
 from fluster_worker.jobs.toolkit import Toolkit
 from fluster_worker.logs import JobLog
@@ -54,8 +50,6 @@ from fluster_worker.logs import JobLog
 __all__ = ["CONTAINER_WORKDIR", "JobExecution", "Toolkit"]
 
 T = TypeVar("T")
-
-CONTAINER_WORKDIR = "/workdir"
 
 
 class _Killed(Exception):
@@ -93,6 +87,7 @@ class JobExecution:
         self._lease: BundleLease | None = None
         self._release_image: Callable[[], None] | None = None
         self._accepted: Deferred[None] | None = None
+        self._app = ""  # the host directory shown at /app
         self.job_log: JobLog | None = None
         #: The job could not be written to disk: it was never accepted.
         self.refused = False
@@ -220,7 +215,8 @@ class JobExecution:
         rec.build.image_tag = build.tag
         self._release_image = kit.builder.lease(build.tag)
         self._phase("preparing container")
-        await self._unless_stopped(kit.store.fill_app(rec.job_id, lease.bundle.path if lease else None))
+        # The cached bundle itself, read-only: no copy per job.
+        self._app = str(lease.bundle.path if lease else kit.store.app_dir(rec.job_id))
         # Creating is not abandoned midway: a container created after a kill
         # would leak. The kill is checked again right after.
         self._container_id = await kit.runtime.create(self._container_spec(build.tag))
@@ -287,11 +283,14 @@ class JobExecution:
         final = JobRecord.from_json(rec.to_json())
         self._conclude(final, outcome.state, error, outcome.exit_code, at)
         saved = await kit.store.save(final)
-        if self._container_id:
-            if saved:
+        if self._container_id and not saved:
+            # Kept until its record is saved; its /workdir and /tmp go after it.
+            kit.store.saved(rec.job_id).addCallback(lambda _: Deferred.fromCoroutine(self._remove_container()))
+        else:
+            if self._container_id:
                 await self._remove_container()
             else:
-                kit.store.saved(rec.job_id).addCallback(lambda _: Deferred.fromCoroutine(self._remove_container()))
+                await self._clear_scratch()
         # Its slot and devices are free once the container is gone (or has exited,
         # when it is kept until the record is saved).
         self._release()
@@ -376,24 +375,33 @@ class JobExecution:
                 "fluster.attempt_id": str(rec.attempt_id),
             },
             working_dir=CONTAINER_APP_DIR,
-            mounts=[
-                Mount(store.app_dir(rec.job_id), CONTAINER_APP_DIR, False),
-                Mount(store.workdir(rec.job_id), CONTAINER_WORKDIR, False),
-                Mount(store.entrypoint_path(rec.job_id), CONTAINER_ENTRYPOINT_PATH, True),
-                Mount(store.out_dir(rec.job_id), CONTAINER_OUT_DIR, False),
-            ],
+            mounts=kit.sandbox.mounts(store, rec.job_id, self._app),
+            user=kit.sandbox.user.docker,
+            read_only_rootfs=kit.sandbox.read_only_rootfs,
+            log_max_bytes=kit.sandbox.log_max_bytes,
             ports={port: port for port in rec.ports.values()},
             nano_cpus=rec.spec.cpu * 1_000_000_000 if rec.spec.cpu else None,
             memory_bytes=rec.spec.memory_bytes,
             **kit.devices.container_options(rec),
         )
 
+    async def _clear_scratch(self) -> None:
+        """The job's /workdir and /tmp go when it ends (its result stays)."""
+        if self._kit.sandbox.keep_workdir:
+            return
+        try:
+            await self._kit.store.clear_scratch(self.record.job_id)
+        except Exception:
+            self.log.failure("removing the workdir of {job_id} failed", job_id=self.record.job_id)
+
     async def _remove_container(self) -> None:
+        """The ended job's container, then its /workdir and /tmp."""
         try:
             await self._kit.runtime.remove(self._container_id)
         except Exception:
             # The engine is away: the manager removes what is left once it is back.
             self.log.failure("removing container {cid} failed", cid=self._container_id)
+        await self._clear_scratch()
 
     async def _close_log(self) -> str:
         """Close the job's log; what went wrong, or ""."""

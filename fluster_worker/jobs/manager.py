@@ -76,6 +76,7 @@ class JobManager(Service):
         stop_jobs_on_exit: bool = False,
         conditions: NodeConditions | None = None,
         engine: EngineHealth | None = None,
+        limits: validation.RequestLimits = validation.DEFAULT_LIMITS,
     ) -> None:
         """``conditions``: new jobs are refused while one blocks. ``engine``: the
         containers are reconciled once it is up, and again after each outage
@@ -93,6 +94,7 @@ class JobManager(Service):
         self._stop_jobs_on_exit = stop_jobs_on_exit
         self._conditions = conditions
         self._engine = engine
+        self._limits = limits
         self._kit = replace(kit, changed=self._changed)
         self._store: JobStore = kit.store
         self._jobs: dict[str, JobRecord] = {}
@@ -272,7 +274,7 @@ class JobManager(Service):
                     f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
                 )
         self._admit()
-        spec = validation.job_spec(request, self._cpu_count, self._kit.devices)
+        spec = validation.job_spec(request, self._cpu_count, self._kit.devices, self._limits)
         try:
             ports = self._ports.allocate(spec.port_names)
         except PortsExhausted as e:

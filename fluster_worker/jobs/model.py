@@ -180,6 +180,8 @@ class JobSpec:
     device_count: int = 0
     device_variant: str = ""
     device_topology: str = ""
+    disk: str = ""  # resources.disk as asked ("" : the worker's --max-job-disk)
+    disk_bytes: int | None = None  # the limit of its writable space; None: unlimited
 
 
 @dataclass

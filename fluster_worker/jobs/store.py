@@ -1,21 +1,25 @@
 """Job records and per-job files under the state dir, so a restarted worker
 still answers for finished jobs.
 
-Layout, one directory per job, named by ``job_key(job_id)`` (common.jobnames:
-the id itself for ids of the first, flat rule, so older state dirs load as they
-are; ``<slug>~<hash>`` for the others, e.g. ``parent/child``)::
+Layout, one directory per job (0700, the worker's), named by ``job_key(job_id)``
+(common.jobnames: the id itself for ids of the first, flat rule, so older state
+dirs load as they are; ``<slug>~<hash>`` for the others, e.g. ``parent/child``)::
 
-    <root>/<key>/record.json      the JobRecord, replaced atomically
-    <root>/<key>/entrypoint.pkl   the request's pickle (only the container reads it)
-    <root>/<key>/out/             the runner writes result.pkl (and error.txt) here
-    <root>/<key>/workdir/         mounted at /workdir
-    <root>/<key>/app/             the job's copy of its bundle, mounted at /app
+    <root>/<key>/record.json      the JobRecord, replaced atomically (0600)
+    <root>/<key>/entrypoint.pkl   the request's pickle (0600, the job user's: only the container reads it)
+    <root>/<key>/out/             the runner writes result.pkl (and error.txt) here } 0700, owned by
+    <root>/<key>/workdir/         mounted at /workdir                               } the job user
+    <root>/<key>/tmp/             mounted at /tmp and /var/tmp                      }
+    <root>/<key>/app/             empty, mounted at /app when the job has no bundle
+
+Everything under out/, workdir/ and tmp/ is the job's: read it only through
+``common.safe_files`` and ``common.safe_tree``.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +30,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from fluster_worker.common.backoff import Backoff
-from fluster_worker.common.files import write_atomically
+from fluster_worker.common.files import make_private_dir, write_atomically
 from fluster_worker.common.jobnames import job_key, valid_job_id
 from fluster_worker.common.safe_files import FileTooLarge, UnsafeFile, probe_regular, read_regular
-from fluster_worker.common.safe_tree import remove_tree, tree_usage
+from fluster_worker.common.safe_tree import TreeUsage, remove_tree, tree_usage
 from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.common.waiters import Waiters
@@ -54,12 +58,21 @@ class ResultTooLarge(Exception):
 class JobStore:
     log = Logger()
 
-    def __init__(self, root: Path, pool: BlockingPool, *, clock: IReactorTime | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        pool: BlockingPool,
+        *,
+        clock: IReactorTime | None = None,
+        owner: tuple[int, int] | None = None,
+    ) -> None:
         """``clock``: when given, records whose save failed are written again on
         their own (SAVE_RETRY); without it, only by the next save of the job."""
         self.root = root
         self._pool = pool
         self._clock = clock
+        # (uid, gid) of the job user: the owner of what the job may write.
+        self._owner = owner
         # One FIFO lock per job keeps that job's file writes in order; it goes
         # away when the job has no write in flight or waiting.
         self._locks: dict[str, DeferredLock] = {}
@@ -86,8 +99,15 @@ class JobStore:
     def workdir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "workdir"
 
+    def tmp_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "tmp"
+
     def app_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "app"
+
+    def _scratch(self, job_id: str) -> tuple[Path, Path]:
+        """The directories removed when the job ends."""
+        return self.workdir(job_id), self.tmp_dir(job_id)
 
     def save(self, record: JobRecord) -> Deferred[bool]:
         """Persist a snapshot of ``record`` (taken now), after earlier saves of it.
@@ -157,25 +177,28 @@ class JobStore:
         attempt's directory was deleted before; the record saved meanwhile stays.)"""
 
         def make() -> None:
-            for d in (self.out_dir(job_id), self.workdir(job_id), self.app_dir(job_id)):
-                d.mkdir(parents=True, exist_ok=True)
-            write_atomically(self.entrypoint_path(job_id), entrypoint)
+            make_private_dir(self.root)
+            make_private_dir(self.job_dir(job_id))
+            for d in (self.out_dir(job_id), *self._scratch(job_id)):
+                d.mkdir(mode=0o700, exist_ok=True)
+                os.chmod(d, 0o700, follow_symlinks=False)
+                if self._owner is not None:
+                    os.chown(d, *self._owner, follow_symlinks=False)
+            self.app_dir(job_id).mkdir(mode=0o755, exist_ok=True)
+            os.chmod(self.app_dir(job_id), 0o755)
+            write_atomically(self.entrypoint_path(job_id), entrypoint, 0o600, self._owner)
 
         return self._chain(job_id, make)
 
-    def fill_app(self, job_id: str, bundle_dir: Path | None) -> Deferred[None]:
-        """Copy the unpacked bundle into the job's own /app, so a job writing to
-        its working directory never touches the shared bundle cache."""
+    def clear_scratch(self, job_id: str) -> Deferred[None]:
+        """Remove the job's /workdir and /tmp (the job has ended); its result,
+        record and logs stay until retention."""
 
-        def copy() -> None:
-            app = self.app_dir(job_id)
-            shutil.rmtree(app, ignore_errors=True)
-            if bundle_dir is None:
-                app.mkdir(parents=True)
-            else:
-                shutil.copytree(bundle_dir, app, symlinks=True)
+        def clear() -> None:
+            for d in self._scratch(job_id):
+                _remove(d)
 
-        return self._pool.run(copy)
+        return self._chain(job_id, clear)
 
     def load_all(self) -> Deferred[list[JobRecord]]:
         def load() -> list[JobRecord]:
@@ -249,8 +272,25 @@ class JobStore:
 
         return self._pool.run(probe)
 
-    def disk_bytes(self, job_id: str) -> Deferred[int]:
-        return self._pool.run(lambda: tree_usage(self.workdir(job_id)).bytes)
+    def disk_usage(self, job_id: str, max_entries: int) -> Deferred[TreeUsage]:
+        """What the job's writable directories hold now (walked without following
+        anything), counting at most ``max_entries`` entries in all."""
+
+        def measure() -> TreeUsage:
+            total = TreeUsage(0, 0)
+            for d in (self.out_dir(job_id), *self._scratch(job_id)):
+                usage = tree_usage(d, max_entries - total.entries)
+                total = TreeUsage(
+                    total.bytes + usage.bytes,
+                    total.entries + usage.entries,
+                    total.truncated or usage.truncated,
+                    total.changed or usage.changed,
+                )
+                if total.truncated:
+                    break
+            return total
+
+        return self._pool.run(measure)
 
     def delete(self, job_id: str) -> Deferred[None]:
         self._unsaved.pop(job_id, None)

@@ -31,6 +31,7 @@ from fluster_worker.common.text import one_line
 from fluster_worker.containers.runtime import ContainerError, ExitStatus
 from fluster_worker.jobs.model import JobRecord, JobState, StopRequest
 from fluster_worker.jobs.outcome import TIMEOUT_EXCEEDED, Outcome, exit_outcome, lost_outcome
+from fluster_worker.jobs.sandbox import MAX_WATCHED_ENTRIES, disk_overrun
 from fluster_worker.jobs.toolkit import Toolkit
 from fluster_worker.logs import FollowStopped, JobLog
 
@@ -240,7 +241,14 @@ class Supervisor:
             usage.cpu_percent = int(sample.cpu_percent)
             usage.cpu_millicores = sample.cpu_millicores
             usage.process_count = sample.process_count
-        usage.disk_mb = (await self._kit.store.disk_bytes(self.record.job_id)) // 2**20
+        disk = await self._kit.store.disk_usage(self.record.job_id, MAX_WATCHED_ENTRIES)
+        usage.disk_mb = disk.bytes // 2**20
+        overrun = disk_overrun(disk, self.record.spec)
+        if overrun and self.record.stop is None and self._status is None:
+            # Like the timeout: a stop kept in the record, so it survives a restart.
+            self._job_log.append("error", f"{overrun}: terminating")
+            grace = self._kit.default_kill_grace
+            self.stop(StopRequest(JobState.FAILED.name, overrun, self._now_ms(), int(grace * 1000)))
 
     def _now_ms(self) -> int:
         return int(self._kit.reactor.seconds() * 1000)

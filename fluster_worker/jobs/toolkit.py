@@ -14,6 +14,7 @@ from fluster_worker.images.builder import ImageBuilder
 from fluster_worker.jobs.admission import Admission
 from fluster_worker.jobs.devices import JobDevices
 from fluster_worker.jobs.model import JobRecord
+from fluster_worker.jobs.sandbox import JobUser, Sandbox
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.logs import JobLog, LogFollower
 
@@ -47,6 +48,8 @@ class Toolkit:
     # How long an exited container's remaining lines are waited for while the
     # engine is unreachable, before the job ends with its logs incomplete.
     engine_log_wait: float = 60.0
+    # The job user, its mounts, what is kept when it ends (sandbox.py).
+    sandbox: Sandbox = field(default_factory=lambda: Sandbox(JobUser.default()))
 
     def __post_init__(self) -> None:
         if self.admission is None:

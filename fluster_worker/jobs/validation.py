@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+from dataclasses import dataclass
 
 from fluster_worker.accelerators import Accelerators
 from fluster_worker.common.jobnames import job_id_problem, shown_job_id
@@ -35,7 +36,21 @@ def check_job_id(job_id: str) -> None:
         raise InvalidJobRequest(f"invalid job_id {shown_job_id(str(job_id), 64)}: {problem}")
 
 
-def job_spec(request: JobRequest, cpu_count: int, devices: JobDevices | None = None) -> JobSpec:
+@dataclass(frozen=True)
+class RequestLimits:
+    """The worker's bounds on what one RunJob may ask for (its options)."""
+
+    max_env_vars: int = 1000
+    max_env_bytes: int = 128 * 2**10
+    max_job_disk_bytes: int | None = 10 * 2**30  # None: unlimited
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def job_spec(
+    request: JobRequest, cpu_count: int, devices: JobDevices | None = None, limits: RequestLimits = DEFAULT_LIMITS
+) -> JobSpec:
     """The validated spec of ``request``; raises InvalidJobRequest, or
     PreconditionFailed for what this worker can never run (a GPU or TPU it does
     not have: ``devices`` says what it has, None is none)."""
@@ -58,11 +73,8 @@ def job_spec(request: JobRequest, cpu_count: int, devices: JobDevices | None = N
         raise InvalidJobRequest(str(e)) from None
     if request.timeout_seconds < 0:
         raise InvalidJobRequest(f"invalid timeout_seconds {request.timeout_seconds}: must be >= 0")
-    for key, value in request.env_vars.items():
-        if not _ENV_NAME.fullmatch(key):
-            raise InvalidJobRequest(f"invalid environment variable name {key[:64]!r}")
-        if "\x00" in value:
-            raise InvalidJobRequest(f"environment variable {key} contains a NUL byte")
+    check_env(request.env_vars, limits)
+    disk_bytes = _disk_limit(request.disk, limits.max_job_disk_bytes)
     names = list(request.port_names)
     try:
         ports.validate_port_names(names)
@@ -80,7 +92,45 @@ def job_spec(request: JobRequest, cpu_count: int, devices: JobDevices | None = N
         extras=list(request.extras),
         pip_packages=list(request.pip_packages),
         workspace=request.workspace,
+        disk=request.disk,
+        disk_bytes=disk_bytes,
     )
     (devices or _NO_DEVICES).check(request.device, spec)
     return spec
+
+
+def check_env(env: dict[str, str], limits: RequestLimits) -> None:
+    """Names and values a container can take, within the worker's bounds (a
+    million variables kept runc busy for minutes; a 10 MB value cannot be exec'd)."""
+    if len(env) > limits.max_env_vars:
+        raise InvalidJobRequest(
+            f"too many environment variables: {len(env)}, over the limit of {limits.max_env_vars} (--max-env-vars)"
+        )
+    total = 0
+    for key, value in env.items():
+        if not _ENV_NAME.fullmatch(key):
+            raise InvalidJobRequest(f"invalid environment variable name {key[:64]!r}")
+        if "\x00" in value:
+            raise InvalidJobRequest(f"environment variable {key} contains a NUL byte")
+        total += len(key) + len(value.encode("utf-8", "surrogatepass")) + 2  # "KEY=value\0"
+        if total > limits.max_env_bytes:
+            raise InvalidJobRequest(
+                f"environment variables take more than {limits.max_env_bytes} bytes (--max-env-bytes)"
+            )
+
+
+def _disk_limit(disk: str, worker_max: int | None) -> int | None:
+    """The limit of the job's writable space: resources.disk when given, never
+    more than --max-job-disk."""
+    try:
+        asked = resources.parse_disk(disk)
+    except ValueError as e:
+        raise InvalidJobRequest(str(e)) from None
+    if asked is None:
+        return worker_max
+    if worker_max is not None and asked > worker_max:
+        raise InvalidJobRequest(
+            f"resources.disk {disk.strip()[:40]} exceeds this worker's --max-job-disk of {worker_max // 2**20} MiB"
+        )
+    return asked
 

@@ -4,7 +4,10 @@ output, so that a restarted ``docker logs`` neither loses nor repeats a line.
 The cursor remembers the timestamp of the last line stored and how many stored
 lines of the stream carry it. After a restart (``restart``), re-delivered lines
 older than that timestamp are skipped, then as many lines with exactly that
-timestamp as were stored; everything after is new (``accept``). It also keeps
+timestamp as were stored; everything after is new (``accept``). The same
+happens when a tail goes back in time by itself (Docker 20.10 re-reads a
+rotated log file), and a line with the stamp and bytes of the line stored just
+before it is that line again. It also keeps
 the newest stored lines, to tell whether Docker's last entries are stored
 (``ends_like``).
 
@@ -20,6 +23,9 @@ that moment and the oldest stream's last stored line.
 """
 
 from __future__ import annotations
+
+import itertools
+import operator
 
 from fluster_worker.logs.lines import StreamParser
 
@@ -81,24 +87,47 @@ class StreamCursor:
             stamps, lines = stamps[n:], lines[n:]
             if not lines:
                 return stamps, lines
-        if self.skip_ts is not None:
-            i, n = 0, len(stamps)
-            while i < n:
-                ts = stamps[i]
+        if self.skip_ts is None and self._in_order(stamps, lines):
+            self._track(stamps, lines)  # the common case: all new, in order
+            return stamps, lines
+        kept_stamps: list[int] = []
+        kept_lines: list[bytes] = []
+        previous = self.recent[-1] if self.recent else None
+        for ts, line in zip(stamps, lines, strict=True):
+            if self.skip_ts is None and self.last_ts is not None and ts < self.last_ts:
+                # Docker went back: Docker 20.10's ``logs --follow`` reads a rotated
+                # json-file log again. Skip what is stored, as after a restart.
+                self.skip_ts, self.skip_left = self.last_ts, self.count
+            if self.skip_ts is not None:
                 if ts < self.skip_ts:
-                    i += 1
-                elif ts == self.skip_ts and self.skip_left > 0:
+                    self.skip_left = self.count  # (back again: the stored lines at skip_ts come again)
+                    continue
+                if ts == self.skip_ts and self.skip_left > 0:
                     self.skip_left -= 1
-                    i += 1
-                else:
-                    self.skip_ts = None  # the first line not stored before
-                    break
-            if i:
-                stamps, lines = stamps[i:], lines[i:]
-            if not lines:
-                return stamps, lines
-        self._track(stamps, lines)
-        return stamps, lines
+                    continue
+                self.skip_ts = None  # the first line not stored before
+            if (ts, line) == previous:
+                continue  # the line stored last, sent again (see _in_order)
+            kept_stamps.append(ts)
+            kept_lines.append(line)
+            previous = (ts, line)
+            if ts == self.last_ts:
+                self.count += 1
+            else:
+                self.last_ts, self.count = ts, 1
+        self._remember(kept_stamps, kept_lines)
+        return kept_stamps, kept_lines
+
+    def _in_order(self, stamps: list[int], lines: list[bytes]) -> bool:
+        """No stamp goes back and none repeats. Docker stamps every line on its
+        own, in nanoseconds: a line with the stamp and the bytes of the line
+        before it in its stream is that line again (a rotated file re-read from
+        exactly there), not a new one."""
+        if self.last_ts is not None and stamps[0] <= self.last_ts:
+            if stamps[0] < self.last_ts or (self.recent and self.recent[-1] == (stamps[0], lines[0])):
+                return False
+        following = itertools.islice(stamps, 1, None)
+        return not any(map(operator.ge, stamps, following))
 
     def _track(self, stamps: list[int], lines: list[bytes]) -> None:
         """The cursor moves past stored lines."""
@@ -111,6 +140,9 @@ class StreamCursor:
         else:
             self.count = same
         self.last_ts = last
+        self._remember(stamps, lines)
+
+    def _remember(self, stamps: list[int], lines: list[bytes]) -> None:
         self.recent = (self.recent + list(zip(stamps[-CHECK_LINES:], lines[-CHECK_LINES:], strict=True)))[-CHECK_LINES:]
 
     def ends_like(self, window: list[tuple[int, bytes]]) -> bool:

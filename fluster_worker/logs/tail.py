@@ -72,6 +72,7 @@ from fluster_worker.logs.joblog import JobLog
 from fluster_worker.logs.lines import StreamParser, format_since
 from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
 from fluster_worker.logs.resume import CHECK_LINES, StreamCursor
+from fluster_worker.logs.stall import StallWatch
 
 _FDS = {1: "stdout", 2: "stderr"}
 _CHILD_FDS = {0: "w", 1: "r", 2: "r"}
@@ -114,6 +115,7 @@ class LogFollower:
         last_entries: Callable[[int], Deferred[dict[int, bytes]]] | None = None,
         engine_ready: Callable[[], Deferred[None]] | None = None,
         command_prefix: Sequence[str] = (),
+        stall_s: float | None = None,
     ) -> None:
         """``last_entries(n)``, when given, fetches the container's last ``n``
         timestamped entries per stream ({1: stdout bytes, 2: stderr bytes}, as
@@ -154,6 +156,8 @@ class LogFollower:
         self._last_message = ""
         self._followers: Waiters[None] = Waiters()
         self._result: Failure | None = None
+        # Only where the engine's log rotates (a capped json-file log): see stall.py.
+        self._stall = StallWatch(reactor, stall_s, self._behind, self._stalled) if stall_s else None
 
     # -- public ------------------------------------------------------------------------
 
@@ -247,6 +251,8 @@ class LogFollower:
         self.log.debug("tailing {cid}: {args}", cid=self._container_id, args=args[1:])
         try:
             self._spawn_cli(self._protocol, args)
+            if self._stall is not None and not self._draining:
+                self._stall.start()
         except Exception as e:
             self._protocol = None
             self._last_message = f"cannot run {self._docker}: {e}"
@@ -257,6 +263,8 @@ class LogFollower:
         stream = self._streams.get(fd)
         if protocol is not self._protocol or stream is None:
             return
+        if self._stall is not None:
+            self._stall.saw_data()
         try:
             stamps, lines = stream.parser.feed(data)
             self._store(stream, stamps, lines)
@@ -288,6 +296,8 @@ class LogFollower:
         if protocol is not self._protocol:
             return
         self._protocol = None
+        if self._stall is not None:
+            self._stall.stop()
         clean = reason.check(ProcessDone) is not None and not self._stopping
         for stream in self._streams.values():
             if clean:
@@ -360,16 +370,48 @@ class LogFollower:
                 return False
         return True
 
-    async def _fetch_last_entries(self) -> dict[int, bytes] | None:
-        """The last ``CHECK_LINES`` entries per stream, or None when unknown."""
+    def _behind(self) -> Deferred[bool]:
+        """Whether the engine holds an entry newer than the stored ones (the
+        tail has delivered nothing for a while: StallWatch asks)."""
+
+        async def check() -> bool:
+            protocol = self._protocol
+            if protocol is None or protocol.pauses:
+                return False  # not reading on purpose (back-pressure)
+            output = await self._fetch_last_entries(1)
+            if output is None or protocol is not self._protocol:
+                return False
+            for fd, raw in output.items():
+                parser = StreamParser(self._max_line_bytes)
+                stamps = parser.feed(raw)[0] + parser.finish()[0]
+                stream = self._streams.get(fd)
+                if stream is not None and stamps and (stream.last_ts is None or stamps[-1] > stream.last_ts):
+                    return True
+            return False
+
+        return Deferred.fromCoroutine(check())
+
+    def _stalled(self) -> None:
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            return
+        self.log.info("docker logs for {cid} went quiet while its log moved on: restarting it", cid=self._container_id)
+        transport: Any = protocol.transport
+        try:
+            transport.signalProcess("KILL")  # its end restarts the tail with --since
+        except Exception:
+            pass
+
+    async def _fetch_last_entries(self, count: int = CHECK_LINES) -> dict[int, bytes] | None:
+        """The last ``count`` entries per stream, or None when unknown."""
         if self._last_entries is not None:
             try:
-                return await self._last_entries(CHECK_LINES)
+                return await self._last_entries(count)
             except Exception:
                 self.log.failure("reading the last log entries of {cid} failed", cid=self._container_id)
                 return None
         check = LastEntriesProtocol()
-        args = [self._docker, "logs", "--tail", str(CHECK_LINES), "--timestamps", "--", self._container_id]
+        args = [self._docker, "logs", "--tail", str(count), "--timestamps", "--", self._container_id]
         try:
             self._spawn_cli(check, args)
         except Exception:
@@ -429,6 +471,8 @@ class LogFollower:
         if self._state == "done":
             return
         self._state = "done"
+        if self._stall is not None:
+            self._stall.stop()
         try:
             await self._job_log.flush(sync=True)
         except Exception:
