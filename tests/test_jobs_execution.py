@@ -106,7 +106,7 @@ def test_a_bundle_that_cannot_be_fetched_fails_the_job_before_any_container(make
     assert rig.runtime.containers == {} and rig.builder.builds == []
 
 
-def test_a_bundle_is_leased_for_the_run_and_copied_into_the_job(tmp_path: Path, make_job_rig: MakeRig) -> None:
+def test_a_bundle_is_leased_for_the_run_and_mounted_read_only(tmp_path: Path, make_job_rig: MakeRig) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "main.py").write_text("print('hi')\n")
@@ -114,7 +114,10 @@ def test_a_bundle_is_leased_for_the_run_and_copied_into_the_job(tmp_path: Path, 
     rig.start()
     record = rig.submit(bundle_url="file:///bundles/b.zip")
     assert record.state is JobState.RUNNING
-    assert (rig.store.app_dir("job-1") / "main.py").read_text() == "print('hi')\n"
+    # The cached bundle itself at /app, read-only: no copy per job.
+    (app,) = [m for m in rig.container().spec.mounts if m.target == "/app"]
+    assert (app.source, app.read_only) == (bundle, True)
+    assert list(rig.store.app_dir("job-1").iterdir()) == []
     assert rig.bundles.leases_held == 1
     assert rig.builder.builds[0].project_dir == bundle
     rig.container().exit(0)
@@ -218,25 +221,6 @@ def test_kill_while_the_job_files_are_written_frees_the_slot(rig: JobRig) -> Non
     result(rig, killed)
     assert rig.builder.builds == []
     assert_killed_without_container(rig, record)
-
-
-def test_kill_while_the_bundle_is_copied_into_the_job_creates_no_container(
-    tmp_path: Path, make_job_rig: MakeRig
-) -> None:
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    rig = make_job_rig(auto_build=False, bundle_dir=bundle)
-    rig.start()
-    record = rig.submit(bundle_url="file:///bundles/b.zip")
-    rig.pool.paused = True
-    rig.builder.builds[0].finish()
-    rig.settle()
-    assert record.status_message == "preparing container"
-    killed = kill(rig)
-    rig.pool.resume()
-    result(rig, killed)
-    assert_killed_without_container(rig, record)
-    assert rig.bundles.leases_held == 0 and not rig.builder.leases
 
 
 def test_kill_while_the_container_is_being_created_removes_it_unstarted(rig: JobRig) -> None:

@@ -93,11 +93,11 @@ def test_a_new_attempt_replaces_a_finished_one_and_its_files(rig: JobRig) -> Non
     rig.container("job-1").print("stdout", "attempt 1 output")
     finish(rig, "job-1", code=1)
     assert old.state is JobState.FAILED
-    (rig.store.workdir("job-1") / "left-over").write_text("x")
+    (rig.store.out_dir("job-1") / "left-over").write_text("x")  # (its workdir went when it ended)
     new = rig.submit("job-1", attempt_id=2)
     assert new is not old and rig.manager.get("job-1") is new
     assert new.state is JobState.RUNNING and new.attempt_id == 2
-    assert not (rig.store.workdir("job-1") / "left-over").exists()
+    assert not (rig.store.out_dir("job-1") / "left-over").exists()
     assert "attempt 1 output" not in rig.lines()
     assert rig.container("job-1").spec.labels["fluster.attempt_id"] == "2"
     assert rig.container("job-1").spec.env["FLUSTER_ATTEMPT_ID"] == "2"
