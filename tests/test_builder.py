@@ -608,3 +608,21 @@ async def test_gc_prunes_old_dangling_layers_of_its_repository(
                 docker_client.images.remove(ref)
             except docker.errors.NotFound:
                 pass
+
+
+class StalledPool:
+    """A pool whose calls never finish (an engine or a disk that is slow)."""
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        return Deferred()
+
+
+def test_a_build_cancelled_while_its_inputs_are_read_is_cancelled_not_failed(tmp_path: Path) -> None:
+    """A job killed while its image inputs are still being read ends KILLED: the
+    build raises CancelledError, never "image build failed: CancelledError"."""
+    builder = ImageBuilder(Clock(), StalledPool(), lambda: None, "base:1", tmp_path)  # type: ignore[arg-type]
+    d = builder.build(tmp_path, [], [], lambda line: None)
+    d.cancel()
+    failures: list[Failure] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError), failures
