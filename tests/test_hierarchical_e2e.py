@@ -243,7 +243,8 @@ async def test_a_slash_b_and_a__b_run_side_by_side_sharing_nothing(harness: Harn
     assert store.job_dir(ids[0]) != store.job_dir(ids[1])
     assert {p.name for p in store.root.iterdir()} >= {job_key(j) for j in ids}
     for job_id in ids:
-        assert (store.workdir(job_id) / "trace.txt").read_text() == job_id
+        assert store.out_dir(job_id).is_dir()
+        assert not store.workdir(job_id).exists()  # removed when the job ended (--keep-workdir keeps it)
 
 
 @pytest_twisted.ensureDeferred
