@@ -167,7 +167,7 @@ def test_a_job_that_cannot_be_saved_is_refused_and_forgotten(
     rig = JobRig(tmp_path)
     rig.start()
 
-    def full(path: Path, data: bytes) -> None:
+    def full(path: Path, data: bytes, *args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module, "write_atomically", full)
