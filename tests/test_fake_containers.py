@@ -76,6 +76,23 @@ def test_terminate_sigterm_then_sigkill_after_the_grace(runtime: FakeContainerRu
     assert not runtime.clock.getDelayedCalls()
 
 
+def test_a_second_terminate_only_brings_the_sigkill_forward(runtime: FakeContainerRuntime) -> None:
+    cid = started(runtime)
+    container = runtime.container(cid)
+    container.on_sigterm = "ignore"
+    first = runtime.terminate(cid, 60)
+    runtime.clock.advance(10)
+    later = runtime.terminate(cid, 120)  # longer: changes nothing
+    sooner = runtime.terminate(cid, 5)
+    runtime.clock.advance(4.9)
+    assert container.signals == ["SIGTERM"]
+    runtime.clock.advance(0.1)
+    assert container.signals == ["SIGTERM", "SIGKILL"]
+    assert outcome(first).exit_code == outcome(later).exit_code == outcome(sooner).exit_code == SIGKILL_EXIT
+    assert ("signal", cid, "SIGKILL") in runtime.calls
+    assert not runtime.clock.getDelayedCalls()
+
+
 def test_terminate_of_a_container_never_started_fails(runtime: FakeContainerRuntime) -> None:
     cid = outcome(runtime.create(spec()))
     failure = outcome(runtime.terminate(cid, 1))

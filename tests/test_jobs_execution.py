@@ -290,6 +290,22 @@ def test_a_second_kill_waits_for_the_first_and_a_late_one_is_refused(rig: JobRig
     assert record.state is JobState.KILLED
 
 
+def test_a_later_kill_with_a_shorter_grace_brings_the_sigkill_forward(rig: JobRig) -> None:
+    record = rig.submit()
+    container = rig.container()
+    container.on_sigterm = "ignore"
+    first = kill(rig, term_timeout_ms=60_000)
+    rig.advance(10)
+    second = kill(rig, term_timeout_ms=1000)
+    rig.advance(0.9)
+    assert container.signals == ["SIGTERM"] and not first.called and not second.called
+    rig.advance(0.1)
+    assert container.signals == ["SIGTERM", "SIGKILL"]  # one SIGTERM: the second kill only hurried it
+    result(rig, first)
+    result(rig, second)
+    assert (record.state, record.error) == (JobState.KILLED, "Killed by request")
+
+
 def test_a_job_that_ends_while_being_killed_is_killed(rig: JobRig) -> None:
     record = rig.submit()
     container = rig.container()

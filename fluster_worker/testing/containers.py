@@ -14,7 +14,9 @@ What the fake keeps of the real runtime's contract:
   had), a new Deferred per call; it fails with ContainerError when the runtime
   is not running, the container is unknown, or it is removed before it started.
 * ``terminate`` sends SIGTERM, then SIGKILL after the grace (a clock timer
-  cancelled by the exit); ContainerError for a container never started.
+  cancelled by the exit); ContainerError for a container never started. A
+  ``terminate`` while one is under way sends no second SIGTERM: it can only
+  bring the SIGKILL forward.
 * ``remove`` force-removes: a running container is killed first (exit 137).
 * ``stopService`` fails pending waiters; the containers are left alone.
 * Exit codes as Docker reports them with ``init``: 128 + the signal.
@@ -31,7 +33,7 @@ from typing import Any, Literal, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 
 from fluster_worker.common.waiters import Waiters
@@ -46,6 +48,7 @@ from fluster_worker.containers.runtime import (
     ExitStatus,
     UsageSample,
 )
+from fluster_worker.testing.grace import GraceDeadline
 from fluster_worker.testing.logs import docker_line
 
 T = TypeVar("T")
@@ -161,6 +164,7 @@ class FakeContainerRuntime(Service):
         self._failures: dict[str, Exception] = {}
         self._ids = itertools.count(1)
         self._waiting: dict[str, list[Deferred[ExitStatus]]] = {}
+        self._graces: dict[str, GraceDeadline] = {}  # terminations under way
 
     # -- test controls ------------------------------------------------------------
 
@@ -183,9 +187,6 @@ class FakeContainerRuntime(Service):
         if len(found) != 1:
             raise KeyError(container_id)
         return found[0]
-
-    def by_name(self, name: str) -> FakeContainer:
-        return next(c for c in self.containers.values() if c.name == name)
 
     def live(self) -> list[FakeContainer]:
         """Containers not removed, in creation order."""
@@ -338,10 +339,17 @@ class FakeContainerRuntime(Service):
     ) -> Deferred[ExitStatus]:
         if not self.running_service:
             return fail(ContainerError("container terminate failed: the container runtime is not running"))
+        pending = self._graces.get(container_id)
+        if pending is not None:
+            # A termination is under way: no second SIGTERM, the SIGKILL only comes sooner.
+            self.calls.append(("terminate", container_id, grace_seconds))
+            pending.shorten(grace_seconds)
+            return self.wait(container_id)
+        grace = GraceDeadline(self.clock, grace_seconds, lambda: self._sigkill(container_id))
+        self._graces[container_id] = grace
 
         async def run() -> ExitStatus:
             exited = self.wait(container_id)
-            timer: IDelayedCall | None = None
             try:
                 await self._op("terminate", container_id, lambda: None, grace_seconds)
                 container = self.containers[container_id]
@@ -354,16 +362,20 @@ class FakeContainerRuntime(Service):
                     on_sigterm(delivered)
                 container.deliver("SIGTERM")
                 if not exited.called:
-                    timer = self.clock.callLater(max(0.0, grace_seconds), container.deliver, "SIGKILL")
+                    grace.arm()
                 return await exited
             finally:
-                if timer is not None and timer.active():
-                    timer.cancel()
+                grace.cancel()
+                if self._graces.get(container_id) is grace:
+                    del self._graces[container_id]
                 if not exited.called:
                     exited.cancel()
                     exited.addErrback(lambda _: None)
 
         return Deferred.fromCoroutine(run())
+
+    def _sigkill(self, container_id: str) -> None:
+        self.signal(container_id, "SIGKILL").addErrback(lambda _: None)
 
     # -- service ----------------------------------------------------------------------
 
