@@ -44,6 +44,7 @@ class WorkerProcess:
     async def start(self, timeout: float = 60.0) -> WorkerClient:
         """Start twistd and wait until it listens."""
         self.starts += 1
+        self.root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         for key in [k for k in env if k.startswith("FLUSTER_WORKER_")]:
             del env[key]
