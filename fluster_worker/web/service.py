@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from fluster_worker.jobs.manager import JobManager
-from fluster_worker.jobs.model import JobError, valid_job_id
+from fluster_worker.jobs.model import JobError, JobRecord, valid_job_id
 from fluster_worker.logs import InvalidLogQuery, LogQueryTimeout, LogStore
 from fluster_worker.node import NodeConditions
 from fluster_worker.web import wire
 from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.connect import Encoded
 from fluster_worker.web.rpc.errors import Code, ConnectError
+from fluster_worker.web.statuses import StatusCache
 
 
 class WorkerService:
@@ -35,6 +38,7 @@ class WorkerService:
         self._address = advertised_address
         self._conditions = conditions
         self._started = clock.seconds()
+        self._statuses = StatusCache(manager.records, advertised_address)
 
     async def RunJob(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
         """Answered once the job is on disk: an accepted job survives a crash."""
@@ -46,16 +50,26 @@ class WorkerService:
             raise wire.connect_error(e) from None
         return response
 
-    async def GetJobStatus(self, request: pb.GetJobStatusRequest) -> pb.JobStatus:
+    def GetJobStatus(self, request: pb.GetJobStatusRequest) -> Encoded | Deferred[pb.JobStatus]:
+        """Served from the status's cached bytes, unless the result is asked for."""
         try:
             record = self._manager.get(request.job_id)
-            result = await self._manager.result(request.job_id) if request.include_result else b""
+        except JobError as e:
+            raise wire.connect_error(e) from None
+        if not request.include_result:
+            return self._statuses.status(record)
+        return Deferred.fromCoroutine(self._with_result(record))
+
+    async def _with_result(self, record: JobRecord) -> pb.JobStatus:
+        try:
+            result = await self._manager.result(record.job_id)
         except JobError as e:
             raise wire.connect_error(e) from None
         return wire.job_status(record, self._address(), result)
 
-    def ListJobs(self, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
-        return wire.job_statuses(self._manager.records(), self._address())
+    def ListJobs(self, request: pb.ListJobsRequest) -> Encoded:
+        """Every job's status, joined from their cached bytes (statuses.py)."""
+        return self._statuses.listing()
 
     async def FetchLogs(self, request: pb.FetchLogsRequest) -> pb.FetchLogsResponse:
         if not valid_job_id(request.job_id) or self._manager.find(request.job_id) is None:

@@ -124,6 +124,20 @@ def job_status(record: JobRecord, worker_address: str = "", result: bytes = b"")
     return status
 
 
+def status_key(record: JobRecord, worker_address: str = "") -> tuple[Any, ...]:
+    """Everything ``job_status`` reads (without a result): equal keys, equal
+    statuses. The status cache (statuses.py) compares them to know a record changed."""
+    u = record.usage
+    b = record.build
+    return (
+        record.state, record.status_message, record.exit_code, record.error,
+        record.started_at_ms, record.finished_at_ms, tuple(record.ports.items()),
+        u.memory_mb, u.disk_mb, u.cpu_millicores, u.memory_peak_mb, u.cpu_percent, u.process_count,
+        b.started_ms, b.finished_ms, b.from_cache, b.image_tag,
+        record.job_id, record.worker_id, record.attempt_id, worker_address,
+    )
+
+
 def job_statuses(records: Iterable[JobRecord], worker_address: str) -> pb.ListJobsResponse:
     return pb.ListJobsResponse(jobs=[job_status(r, worker_address) for r in records])
 

@@ -41,6 +41,23 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
+def inflate_small(body: bytes, encoding: str | None, limit: int) -> bytes | None:
+    """``body`` decompressed if that is at most ``limit`` bytes, else None (the
+    caller then decompresses it in full elsewhere). Never inflates past ``limit``."""
+    if not encoding or encoding.strip().lower() == "identity":
+        return body if len(body) <= limit else None
+    if encoding.strip().lower() != "gzip":
+        raise ConnectError(Code.UNIMPLEMENTED, f"unsupported content encoding: {encoding[:40]!r}")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ConnectError(Code.INVALID_ARGUMENT, f"malformed gzip body: {e}") from None
+    if len(out) > limit or not inflater.eof:
+        return None  # big, or truncated: ``decompress`` tells which
+    return out
+
+
 def decode(body: bytes, codec: str, message_type: type[Message]) -> Message:
     message = message_type()
     try:

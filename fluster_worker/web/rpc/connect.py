@@ -34,8 +34,12 @@ from fluster_worker.web.rpc.site import DEFAULT_MAX_BODY_BYTES
 if TYPE_CHECKING:
     from fluster_worker.web.refusals import RefusalLog
 
-# Bodies bigger than this are decompressed and parsed off the reactor thread.
-_INLINE_BODY_BYTES = 256 * 1024
+# Request bodies whose (decompressed) size is above this are parsed off the
+# reactor thread (a small gzip body can inflate to megabytes of JSON).
+DEFAULT_INLINE_BODY_BYTES = 64 * 1024
+# Responses whose serialized size (``ByteSize``, computed in C) is above this are
+# encoded off the reactor thread: proto3 JSON of a big message takes long.
+DEFAULT_INLINE_ANSWER_BYTES = 64 * 1024
 
 CallObserver = Callable[[str, str, float], None]
 """Called once per RPC with (method, code or "ok", seconds)."""
@@ -56,8 +60,12 @@ class ConnectRouter:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         observe: CallObserver | None = None,
         refusals: RefusalLog | None = None,
+        inline_body_bytes: int = DEFAULT_INLINE_BODY_BYTES,
+        inline_answer_bytes: int = DEFAULT_INLINE_ANSWER_BYTES,
     ) -> None:
         self._reactor = reactor
+        self._inline_body = inline_body_bytes
+        self._inline_answer = inline_answer_bytes
         self._refusals = refusals
         self._pool = pool
         self._impl = impl
@@ -77,7 +85,7 @@ class ConnectRouter:
         types = self._methods.get(method)
         content_type = codec.media_type(_header(request, b"content-type"))
         answer_codec = content_type or codec.JSON
-        d: Deferred[Message]
+        d: Deferred[Message | Encoded]
         if types is None:
             d = _fail(Code.UNIMPLEMENTED, f"unknown method {self.service_name}/{method[:80]}")
         elif content_type is None:
@@ -85,11 +93,21 @@ class ConnectRouter:
         else:
             d = self._dispatch(request, method, types, content_type)
 
-        def ok(response: Message) -> bytes:
+        def ok(response: Message | Encoded) -> bytes | Deferred[bytes]:
+            if isinstance(response, Encoded):
+                body = response.body(answer_codec, self._pool)
+                return answered(body) if isinstance(body, bytes) else body.addCallbacks(answered, failed)
+            if response.ByteSize() <= self._inline_answer:
+                return answered(codec.encode(response, answer_codec))
+            # A big answer (many jobs, many log lines): encoded on the pool so
+            # that the reactor keeps serving meanwhile.
+            return self._pool.run(codec.encode, response, answer_codec).addCallbacks(answered, failed)
+
+        def answered(body: bytes) -> bytes:
             request.setResponseCode(200)
             request.setHeader(b"content-type", answer_codec.encode())
             self._done(method, "ok", started)
-            return codec.encode(response, answer_codec)
+            return body
 
         def failed(failure: Failure) -> bytes:
             code, message = self._classify(failure, method)
@@ -104,7 +122,9 @@ class ConnectRouter:
             self._done(method, code.wire_name, started)
             return codec.error_body(code, message, _details(failure, message))
 
-        return d.addCallbacks(ok, failed)
+        # An answer that fails to encode is an internal error like any other.
+        answer: Deferred[bytes] = d.addCallback(ok).addErrback(failed)  # type: ignore[assignment]
+        return answer
 
     def _dispatch(
         self,
@@ -112,7 +132,7 @@ class ConnectRouter:
         method: str,
         types: tuple[type[Message], type[Message]],
         content_type: str,
-    ) -> Deferred[Message]:
+    ) -> Deferred[Message | Encoded]:
         if getattr(request, "body_too_large", False):
             return _fail(Code.RESOURCE_EXHAUSTED, f"request body exceeds {self._max_body_bytes} bytes")
         version = _header(request, b"connect-protocol-version")
@@ -126,15 +146,26 @@ class ConnectRouter:
         content = request.content
         request_type, response_type = types
 
-        def parse() -> Message:
-            body = content.read() if content is not None else b""
-            body = codec.decompress(body, encoding, self._max_body_bytes)
-            return codec.decode(body, content_type, request_type)
+        def parse(body: bytes) -> Message:
+            return codec.decode(codec.decompress(body, encoding, self._max_body_bytes), content_type, request_type)
 
-        small = isinstance(content, io.BytesIO) and len(content.getbuffer()) <= _INLINE_BODY_BYTES
-        parsed: Deferred[Message] = maybeDeferred(parse) if small else self._pool.run(parse)
+        parsed: Deferred[Message]
+        if isinstance(content, io.BytesIO) and len(content.getbuffer()) <= self._inline_body:
+            body = content.getvalue()
+            try:
+                # Parsed here only if it stays small once decompressed; a small
+                # gzip body that inflates (up to the body limit) goes to the pool.
+                small = codec.inflate_small(body, encoding, self._inline_body)
+            except ConnectError as e:
+                return _fail(e.code, e.message)
+            if small is not None:
+                parsed = maybeDeferred(codec.decode, small, content_type, request_type)
+            else:
+                parsed = self._pool.run(parse, body)
+        else:
+            parsed = self._pool.run(lambda: parse(content.read() if content is not None else b""))
 
-        def call(message: Message) -> Deferred[Message]:
+        def call(message: Message) -> Deferred[Message | Encoded]:
             handler = getattr(self._impl, method, None)
             if handler is None:
                 raise ConnectError(Code.UNIMPLEMENTED, f"{self.service_name}/{method} is not implemented")
@@ -143,16 +174,16 @@ class ConnectRouter:
                 return Deferred.fromCoroutine(result)
             return maybeDeferred(lambda: result)
 
-        def check(response: Any) -> Message:
-            if not isinstance(response, response_type):
-                raise TypeError(f"{method} returned {type(response).__name__}, not {response_type.__name__}")
-            return response
+        def check(response: Any) -> Message | Encoded:
+            kind = response.message_type if isinstance(response, Encoded) else type(response)
+            if kind is not response_type:
+                raise TypeError(f"{method} returned {kind.__name__}, not {response_type.__name__}")
+            return response  # type: ignore[no-any-return]
 
-        parsed.addCallback(call)
-        parsed.addCallback(check)
+        answer = parsed.addCallback(call).addCallback(check)
         if timeout is not None:
-            parsed.addTimeout(timeout, self._reactor)
-        return parsed
+            answer.addTimeout(timeout, self._reactor)
+        return answer
 
     def _classify(self, failure: Failure, method: str) -> tuple[Code | None, str]:
         if failure.check(_UnsupportedMediaType):
@@ -196,8 +227,24 @@ class _UnsupportedMediaType(Exception):
     pass
 
 
-def _fail(code: Code | None, message: str) -> Deferred[Message]:
-    d: Deferred[Message] = Deferred()
+class Encoded:
+    """An answer already serialized, for a method that keeps its answers' bytes
+    (a job's status, encoded once per change): ``bodies(codec, pool)`` gives the body
+    for ``codec.PROTO`` or ``codec.JSON``, as bytes or a Deferred of them (when
+    it is encoded off the reactor, on the pool it is given: the router's CPU
+    pool). ``message_type`` is what it encodes."""
+
+    __slots__ = ("message_type", "body")
+
+    def __init__(
+        self, message_type: type[Message], bodies: Callable[[str, BlockingPool], bytes | Deferred[bytes]]
+    ) -> None:
+        self.message_type = message_type
+        self.body = bodies
+
+
+def _fail(code: Code | None, message: str) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
     d.errback(_UnsupportedMediaType(message) if code is None else ConnectError(code, message))
     return d
 
@@ -223,7 +270,8 @@ def _header(request: Request, name: bytes) -> str | None:
 def _timeout_seconds(value: str | None) -> float | None:
     if value is None:
         return None
-    if not value.isdigit() or len(value) > 10:
+    # isdigit() alone takes "²" or Arabic-Indic digits, which int() refuses.
+    if not value.isascii() or not value.isdigit() or len(value) > 10:
         raise ConnectError(Code.INVALID_ARGUMENT, f"invalid connect-timeout-ms {value[:20]!r}")
     return int(value) / 1000.0
 
