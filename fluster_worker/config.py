@@ -66,6 +66,11 @@ class WorkerConfig:
     max_env_bytes: int = 128 * 2**10
     max_job_disk_bytes: int | None = 10 * 2**30  # None: unlimited
     keep_workdir: bool = False
+    # Who may call the worker (README, "Who may call the worker").
+    allowed_hosts: tuple[str, ...] = ()  # more names accepted in Host; "*": any
+    allow_control_from: str = "loopback,controller"  # RunJob, KillJob, the dashboard's kill
+    allow_read_from: str = "*"  # everything else
+    auth_token_file: Path | None = None  # a bearer token every call and page must carry
 
     @property
     def cpu_count(self) -> int:

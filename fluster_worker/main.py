@@ -70,6 +70,15 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
     ("max-job-disk", None, "10g", "Most a job may write (/workdir, /tmp, its result); 0: no limit.",
      lambda text: _disk_size(text)),
     ("keep-workdir", None, "no", "Keep a finished job's /workdir and /tmp (yes/no).", lambda text: _yes_no(text)),
+    # Who may call the worker.
+    ("allowed-hosts", None, None, "More names callers may use in Host (comma separated); * turns the "
+     "check off.", str),
+    ("allow-control-from", None, _DEFAULTS.allow_control_from, "Who may RunJob, KillJob and kill from the "
+     "dashboard: CIDRs or addresses, loopback, controller (its resolved addresses), or *.", str),
+    ("allow-read-from", None, _DEFAULTS.allow_read_from, "Who may read (status, logs, pages, /api, "
+     "/metrics): as --allow-control-from; control callers may always read.", str),
+    ("auth-token-file", None, None, "File holding a token every call and page must carry "
+     "(Authorization: Bearer).", Path),
 ]
 
 # (name, help): flags, also read from FLUSTER_WORKER_<NAME> (1/true/yes/on).
@@ -189,6 +198,7 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
             f"--job-user {job_user.docker}: a worker that is not root runs jobs as itself "
             f"({os.geteuid()}:{os.getegid()}); only root can hand their directories to another user"
         )
+    _check_access(values)
     return WorkerConfig(
         listen=values["listen"],
         cache_dir=values["cache-dir"],
@@ -226,7 +236,28 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         max_env_bytes=values["max-env-bytes"],
         max_job_disk_bytes=values["max-job-disk"] or None,
         keep_workdir=values["keep-workdir"],
+        allowed_hosts=tuple(h.strip() for h in values.get("allowed-hosts", "").split(",") if h.strip()),
+        allow_control_from=values["allow-control-from"],
+        allow_read_from=values["allow-read-from"],
+        auth_token_file=values.get("auth-token-file"),
     )
+
+
+def _check_access(values: dict[str, Any]) -> None:
+    """The access options parse, and the token file is usable."""
+    from fluster_worker.web.guard.callers import Rule
+    from fluster_worker.web.guard.token import TokenError, load_token
+
+    for name in ("allow-control-from", "allow-read-from"):
+        try:
+            Rule.parse(values[name])
+        except ValueError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+    if values.get("auth-token-file") is not None:
+        try:
+            load_token(values["auth-token-file"])
+        except TokenError as e:
+            raise usage.UsageError(f"--auth-token-file: {e}") from None
 
 
 def makeService(options: Options) -> IService:

@@ -31,6 +31,7 @@ from fluster_worker.common.files import make_private_dir
 from fluster_worker.common.http import quiet_http_client
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
+from fluster_worker.containers.networks import EngineNetworks
 from fluster_worker.containers.ports import PortAllocator
 from fluster_worker.containers.runtime import ContainerRuntime
 from fluster_worker.controller import (
@@ -97,6 +98,9 @@ class Worker(MultiService):
         self.runtime = ContainerRuntime(reactor, self.docker_pool, client, worker_id)
         self.runtime.setServiceParent(self)
         self.runtime.health.add_listener(self._engine_changed)
+        # Where job containers call from: no state change is accepted from there.
+        self.engine_networks = EngineNetworks(reactor, self.docker_pool, client, self.runtime.health)
+        self.engine_networks.setServiceParent(self)
         self.logs = LogStore(
             config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
         )

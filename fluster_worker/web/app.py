@@ -13,12 +13,15 @@ matters for readability):
 - ``GET /metrics``: Prometheus text (``metrics``).
 - ``POST /<service>/<method>``: Connect ``unimplemented`` for any other service.
 
-Every response carries ``Content-Security-Policy: default-src 'self'`` and
-``X-Content-Type-Options: nosniff`` (``SecureHeaders``).
+Every request first passes the access gate (``guard.gate``: Host allowlist,
+address rules, container networks, the optional token). Every response carries
+``Content-Security-Policy: default-src 'self'`` and ``X-Content-Type-Options:
+nosniff`` (``SecureHeaders``).
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any, cast
 
 from klein import Klein
@@ -28,6 +31,16 @@ from twisted.web.server import Request, Site
 from fluster_worker.web.api import JobsApi
 from fluster_worker.web.compat_api import CompatApi
 from fluster_worker.web.dashboard import Dashboard
+from fluster_worker.web.guard.callers import (
+    DEFAULT_CONTAINER_NETWORKS,
+    ControllerAddresses,
+    Rule,
+    controller_host,
+    reactor_resolver,
+)
+from fluster_worker.web.guard.gate import AccessGate, AccessPolicy
+from fluster_worker.web.guard.hosts import HostAllowlist
+from fluster_worker.web.guard.token import BearerToken, load_token
 from fluster_worker.web.metrics import WorkerMetrics
 from fluster_worker.web.refusals import RefusalLog
 from fluster_worker.web.rpc import cluster_pb2 as pb
@@ -124,13 +137,44 @@ def build_app(
     return app
 
 
-def build_resource(worker: WorkerView, **kwargs: Any) -> Resource:
-    """The app as a resource with the security headers (what the Site serves)."""
-    return SecureHeaders(build_app(worker, **kwargs).resource())
+def build_resource(worker: WorkerView, *, access: AccessPolicy | None = None, **kwargs: Any) -> Resource:
+    """The app as a resource with the security headers (what the Site serves),
+    behind the access gate when ``access`` is given."""
+    if access is None:
+        return SecureHeaders(build_app(worker, **kwargs).resource())
+    refusals = kwargs.pop("refusals", None) or RefusalLog(worker.reactor)
+    app = build_app(worker, refusals=refusals, **kwargs)
+    return SecureHeaders(AccessGate(app.resource(), access, refusals))
+
+
+def access_policy(worker: WorkerView) -> AccessPolicy:
+    """The access rules of the worker's options (README, "Who may call the worker").
+
+    Reads the token file: call it at start-up, before the reactor runs."""
+    config = worker.config
+    names = [*config.allowed_hosts, socket.gethostname()]
+    if config.advertise_host:
+        names.append(config.advertise_host)
+    hosts = HostAllowlist(names, dynamic=lambda: [worker.advertised_address()])
+    controller = None
+    host = controller_host(config.controller)
+    if host is not None:
+        controller = ControllerAddresses(host, reactor_resolver(worker.reactor), worker.reactor)
+        worker.reactor.callWhenRunning(controller.start)
+    networks = getattr(worker, "engine_networks", None)
+    return AccessPolicy(
+        hosts=hosts,
+        control=Rule.parse(config.allow_control_from),
+        read=Rule.parse(config.allow_read_from),
+        controller=controller,
+        container_networks=(lambda: networks.cidrs) if networks is not None else (lambda: DEFAULT_CONTAINER_NETWORKS),
+        token=BearerToken(load_token(config.auth_token_file)) if config.auth_token_file is not None else None,
+    )
 
 
 def build_site(worker: WorkerView) -> Site:
-    site = bounded_site(cast(IResource, build_resource(worker)), worker.config.max_body_bytes)
+    resource = build_resource(worker, access=access_policy(worker))
+    site = bounded_site(cast(IResource, resource), worker.config.max_body_bytes)
     # No access log: the dashboard's live follow polls twice a second per open page,
     # and Site writes a line per request to the twistd log (``noisy`` does not stop it).
     site.log = _no_access_log  # type: ignore[method-assign]

@@ -1,0 +1,104 @@
+"""The Host allowlist: a request names this worker, not some other site.
+
+A web page on ``evil.example`` whose name the attacker re-points at 127.0.0.1
+(DNS rebinding) reaches a worker on loopback with ``Host: evil.example``; a
+worker answers only the names that are its own. IP literals are safe when they
+are the address the connection arrived on (the browser then treats the worker
+itself as the origin), so the listening address is covered by the request's own
+local address.
+
+Host values are compared without port, case-insensitively, with IPv6 brackets
+and a trailing dot removed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+
+from fluster_worker.host import is_local_host
+
+#: A DNS name (labels of letters, digits, "-" and "_"), an IPv4 literal, or a
+#: bracketed IPv6 literal; then an optional port.
+_HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]{2,45}(?:%[\w.-]{1,32})?\]|[A-Za-z0-9_.-]{1,253})(?::(?P<port>\d{1,5}))?")
+#: Names every worker answers to besides its own addresses.
+ALWAYS = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def host_name(header: str) -> str | None:
+    """The host of a ``Host`` header, normalized (lower case, no port, no
+    brackets, no trailing dot); None when it is not a host[:port]."""
+    match = _HOST.fullmatch(header.strip())
+    if match is None:
+        return None
+    host = match.group("host").lower()
+    if host.startswith("["):
+        host = host[1:-1].split("%", 1)[0]
+        try:
+            return str(ipaddress.IPv6Address(host))
+        except ValueError:
+            return None
+    host = host.rstrip(".")
+    return host or None
+
+
+def normalize(name: str) -> str:
+    """A configured name or address (``host``, ``host:port``, ``[v6]:port``,
+    a bare IPv6 address) in the form ``host_name`` returns."""
+    text = name.strip()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return host_name(text) or text.lower()
+
+
+class HostAllowlist:
+    """Decides whether a ``Host`` header names this worker.
+
+    ``names`` are fixed (``--allowed-hosts``, the advertise-host option, the
+    machine's hostname); ``dynamic`` gives names known only later (the
+    advertised address once listening). ``"*"`` among the names turns the
+    check off.
+    """
+
+    def __init__(self, names: Iterable[str], dynamic: Callable[[], Iterable[str]] = lambda: ()) -> None:
+        cleaned = {normalize(n) for n in names if n.strip()}
+        self.open = "*" in {n.strip() for n in names}
+        self._names = frozenset(cleaned | ALWAYS)
+        self._dynamic = dynamic
+
+    def refusal(self, header: bytes | None, local_ip: str | None) -> str | None:
+        """None when the request may go on, else the one-line reason."""
+        if self.open or header is None:
+            # No Host at all is no browser (HTTP/1.0 probes): rebinding needs one.
+            return None
+        text = header.decode("latin-1")
+        host = host_name(text)
+        if host is None:
+            return f"malformed Host header {text[:60]!r}"
+        if self.allows(host, local_ip):
+            return None
+        return f"Host {host[:80]!r} is not a name of this worker (see --allowed-hosts)"
+
+    def allows(self, host: str, local_ip: str | None) -> bool:
+        if host in self._names or is_local_host(host):
+            return True
+        if local_ip is not None and _same_ip(host, local_ip):
+            return True
+        return host in {normalize(n) for n in self._dynamic() if n}
+
+
+def _same_ip(host: str, local_ip: str) -> bool:
+    try:
+        a = ipaddress.ip_address(host)
+        b = ipaddress.ip_address(local_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    return _unmapped(a) == _unmapped(b)
+
+
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
