@@ -44,6 +44,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("target", help="what to run, MODULE:FUNCTION (e.g. mypkg.train:main)")
     parser.add_argument("--worker", default=os.environ.get("FLUSTER_WORKER_URL", "http://127.0.0.1:8080"),
                         help="the worker's URL [default: $FLUSTER_WORKER_URL or http://127.0.0.1:8080]")
+    parser.add_argument("--token-file", type=Path, default=os.environ.get("FLUSTER_WORKER_TOKEN_FILE") or None,
+                        help="file with the worker's token (--auth-token-file) [default: $FLUSTER_WORKER_TOKEN_FILE]")
+    parser.add_argument("--ca-cert", type=Path, default=None,
+                        help="PEM certificate an https:// worker is checked against, besides the system's CAs")
     parser.add_argument("--job-id", default="", help="the job id [default: try-<project>-<random>]")
     parser.add_argument("--args", default="[]", help="positional arguments, a JSON list")
     parser.add_argument("--kwargs", default="{}", help="keyword arguments, a JSON object")
@@ -91,8 +95,10 @@ def main(argv: Sequence[str] | None = None, out: IO[str] = sys.stdout, err: IO[s
         parse_target(args.target)
         if not args.project.is_dir():
             raise ValueError(f"{args.project} is not a directory")
-        rpc = WorkerRpc(args.worker)
-    except (ValueError, MissingClient) as e:
+        token = args.token_file.read_text().strip() if args.token_file is not None else None
+        ca_pem = args.ca_cert.read_bytes() if args.ca_cert is not None else None
+        rpc = WorkerRpc(args.worker, token=token, ca_pem=ca_pem)
+    except (ValueError, OSError, MissingClient) as e:
         err.write(f"try_job: {e}\n")
         return EXIT_ERROR
     workdir = Path(tempfile.mkdtemp(prefix="fluster-try-", dir=args.bundle_dir))

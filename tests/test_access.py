@@ -21,6 +21,7 @@ import treq
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.web.server import Site
 
@@ -244,6 +245,14 @@ async def serve() -> AsyncIterator[Callable[..., Any]]:
 @pytest_twisted.ensureDeferred
 async def test_a_foreign_host_reaches_no_handler(serve: Any) -> None:
     served: Served = await serve()
+    with capturedLogs() as events:
+        code, body = await served.rpc("RunJob", {"jobId": "x"}, host="evil.example:8080")
+    [line] = [formatEvent(e) for e in events if str(e.get("log_format", "")).startswith("refused ")]
+    assert re.fullmatch(
+        r"refused RunJob from 127\.0\.0\.1:\d+: permission_denied: Host 'evil\.example' is not a name of "
+        r"this worker \(see --allowed-hosts\)",
+        line,
+    ), line
     for method in ("RunJob", "ListJobs", "HealthCheck"):
         code, body = await served.rpc(method, {"jobId": "x"}, host="evil.example:8080", Origin="http://evil.example")
         assert code == 403
@@ -255,7 +264,7 @@ async def test_a_foreign_host_reaches_no_handler(serve: Any) -> None:
         assert page.body.startswith(b"permission denied: Host 'evil.example'"), page.body
         assert page.headers.getRawHeaders(b"x-frame-options") == [b"DENY"]  # still behind SecureHeaders
     assert served.service.calls == []
-    assert served.refusals.total == 8
+    assert served.refusals.total == 9
 
 
 @pytest_twisted.ensureDeferred

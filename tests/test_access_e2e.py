@@ -1,21 +1,31 @@
 """On the real engine: a job cannot drive its own worker (issue 12). The worker
 listens on 0.0.0.0 and lets anyone control it, with any Host; a job that calls
 it through ``host.docker.internal`` may read, but its RunJob and KillJob are
-refused with permission_denied."""
+refused with permission_denied.
+
+And a real ``twistd`` worker on an ``ssl:`` endpoint with a token, called over
+TLS by the official Connect client (and by try_job's WorkerRpc)."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import pyqwest
 import pytest
 import pytest_twisted
+from cluster_connect import WorkerServiceClientSync
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 
+from fluster_worker.client.rpc import WorkerRpc
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle, start_worker, worker_config
+from tests.workerproc import WorkerProcess
 
 pytestmark = pytest.mark.docker
 
@@ -82,3 +92,65 @@ async def test_a_job_calling_its_worker_changes_nothing(open_worker: Harness, tm
         assert body["message"].endswith(" may not change state")
         assert body["message"].split()[4] in networks.cidrs
     assert open_worker.worker.manager.find("from-inside") is None
+
+
+# -- TLS and the token, on a real twistd worker ----------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for localhost and 127.0.0.1 it signed:
+    (key, certificate, CA certificate)."""
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "key.pem", "req.csr", "cert.pem"))
+    ext = directory / "ext.cnf"
+    ext.write_text("basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                   "extendedKeyUsage=serverAuth\n")
+    for command in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", ca_key, "-out", ca,
+         "-subj", "/CN=fluster test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
+         "-out", cert, "-extfile", ext],
+    ):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return key, cert, ca
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_and_token_with_the_official_client(tmp_path: Path, docker_client: Any) -> None:
+    key, cert, ca = self_signed(tmp_path)
+    token_file = tmp_path / "token"
+    token_file.write_text("tls-test-token-0123456789\n")
+    token_file.chmod(0o600)
+    worker = WorkerProcess(
+        tmp_path / "w",
+        "--listen", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}",
+        "--auth-token-file", str(token_file),
+    )
+    try:
+        await worker.start()
+        url = worker.url.replace("http://", "https://").replace("127.0.0.1", "localhost")
+        tls = pyqwest.SyncClient(pyqwest.SyncHTTPTransport(tls_ca_cert=ca.read_bytes()))
+        bearer = {"authorization": "Bearer tls-test-token-0123456789"}
+        for proto_json in (False, True):
+            with WorkerServiceClientSync(url, proto_json=proto_json, timeout_ms=10_000, http_client=tls) as client:
+                health = client.health_check(pb.Empty(), headers=bearer)
+                assert health.healthy
+                with pytest.raises(ConnectError) as refused:
+                    client.health_check(pb.Empty())
+                assert refused.value.code == Code.PERMISSION_DENIED
+                assert "missing or wrong token" in refused.value.message
+        # try_job's client sends the token and trusts the given certificate.
+        rpc = WorkerRpc(url, 10_000, token="tls-test-token-0123456789", ca_pem=ca.read_bytes())
+        try:
+            with pytest.raises(ConnectError) as missing:
+                rpc.status("no-such-job")
+            assert missing.value.code == Code.NOT_FOUND
+        finally:
+            rpc.close()
+        # Plain HTTP to the TLS port gets nothing served.
+        with WorkerServiceClientSync(worker.url, timeout_ms=5_000) as plain:
+            with pytest.raises(ConnectError) as no_tls:
+                plain.health_check(pb.Empty(), headers=bearer)
+            assert no_tls.value.code != Code.PERMISSION_DENIED
+    finally:
+        worker.close(docker_client)

@@ -29,18 +29,36 @@ def _connect() -> Any:
 
 
 class WorkerRpc:
-    def __init__(self, url: str, timeout_ms: int = 30_000) -> None:
+    """``token``: sent as ``Authorization: Bearer`` (a worker with
+    ``--auth-token-file``); ``ca_pem``: the CA (or self-signed certificate) an
+    ``https://`` worker's certificate is checked against, besides the system's."""
+
+    def __init__(
+        self, url: str, timeout_ms: int = 30_000, *, token: str | None = None, ca_pem: bytes | None = None
+    ) -> None:
         connectrpc = _connect()
         self._method_info = connectrpc.method.MethodInfo
         self._unknown = connectrpc.method.IdempotencyLevel.UNKNOWN
-        self._client = connectrpc.client.ConnectClientSync(url.rstrip("/"), timeout_ms=timeout_ms)
+        http_client = None
+        if ca_pem is not None:
+            import pyqwest
+
+            http_client = pyqwest.SyncClient(
+                pyqwest.SyncHTTPTransport(tls_ca_cert=ca_pem, tls_include_system_certs=True)
+            )
+        self._headers = {"authorization": f"Bearer {token}"} if token else None
+        self._client = connectrpc.client.ConnectClientSync(
+            url.rstrip("/"), timeout_ms=timeout_ms, http_client=http_client
+        )
 
     def _call(self, name: str, request: Message, response_type: type[M]) -> M:
         method = self._method_info(
             name=name, service_name=SERVICE, input=type(request), output=response_type,
             idempotency_level=self._unknown,
         )
-        return self._client.execute_unary(request=request, method=method)  # type: ignore[no-any-return]
+        return self._client.execute_unary(  # type: ignore[no-any-return]
+            request=request, method=method, headers=self._headers
+        )
 
     def run_job(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
         return self._call("RunJob", request, pb.RunJobResponse)
