@@ -41,6 +41,12 @@ class WorkerConfig:
     retention_seconds: float = 7 * 24 * 3600
     log_max_stream_bytes: int = 100 * 2**20
     bundle_cache_bytes: int = 10 * 2**30
+    # Bundle sources. Local (file://, absolute path) bundles only under these
+    # directories; none: any path (a warning at start).
+    bundle_roots: tuple[Path, ...] = ()
+    # The non-public networks (CIDR) http(s) bundles may come from; ("0.0.0.0/0",
+    # "::/0"): any address. Loopback, link-local and private are refused otherwise.
+    allow_private_bundle_hosts: tuple[str, ...] = ()
     max_images: int = 50
     max_image_bytes: int = 50 * 2**30
     heartbeat_seconds: float = 10.0

@@ -15,6 +15,7 @@ from twisted.application.service import IService
 from twisted.logger import Logger
 from twisted.python import usage
 
+from fluster_worker.bundles.hosts import parse_private_hosts
 from fluster_worker.config import HOST_CA_VARIABLES, WorkerConfig, host_ca_bundle
 from fluster_worker.containers.resources import parse_disk
 from fluster_worker.jobs.sandbox import JobUser
@@ -44,6 +45,10 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
     ("retention-seconds", None, str(int(_DEFAULTS.retention_seconds)), "Age after which finished jobs go.", float),
     ("log-max-stream-bytes", None, str(_DEFAULTS.log_max_stream_bytes), "Log cap per job and stream.", int),
     ("bundle-cache-bytes", None, str(_DEFAULTS.bundle_cache_bytes), "Bundle cache size cap.", int),
+    ("bundle-roots", None, None, "Directories local (file://, path) bundles may lie in, DIR[,DIR] "
+     "(default: any path the worker can read, with a warning).", lambda text: _bundle_roots(text)),
+    ("allow-private-bundle-hosts", None, "no", "Non-public addresses http(s) bundles may come from: "
+     "no, yes (any), or CIDR[,CIDR] (loopback, link-local, private).", lambda text: parse_private_hosts(text)),
     ("max-images", None, str(_DEFAULTS.max_images), "Job images kept.", int),
     ("max-image-bytes", None, str(_DEFAULTS.max_image_bytes), "Total size of job images kept.", int),
     ("heartbeat-seconds", None, str(_DEFAULTS.heartbeat_seconds), "RegisterWorker heartbeat interval.", float),
@@ -100,6 +105,13 @@ def _disk_size(text: str) -> int:
     if size is None:
         raise ValueError(text)
     return size
+
+
+def _bundle_roots(text: str) -> tuple[Path, ...]:
+    roots = tuple(Path(part.strip()) for part in text.split(",") if part.strip())
+    if not all(root.is_absolute() for root in roots):
+        raise ValueError(text)
+    return roots
 
 
 def _yes_no(text: str) -> bool:
@@ -217,6 +229,8 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         retention_seconds=values["retention-seconds"],
         log_max_stream_bytes=values["log-max-stream-bytes"],
         bundle_cache_bytes=values["bundle-cache-bytes"],
+        bundle_roots=values.get("bundle-roots", ()),
+        allow_private_bundle_hosts=values["allow-private-bundle-hosts"],
         max_images=values["max-images"],
         max_image_bytes=values["max-image-bytes"],
         heartbeat_seconds=values["heartbeat-seconds"],

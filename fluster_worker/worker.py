@@ -27,8 +27,8 @@ from twisted.web.server import Site
 
 from fluster_worker.accelerators import Accelerators, discover
 from fluster_worker.bundles.cache import BundleCache
+from fluster_worker.bundles.hosts import bundle_http_client
 from fluster_worker.common.files import make_private_dir
-from fluster_worker.common.http import quiet_http_client
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.config import WorkerConfig
 from fluster_worker.containers.networks import EngineNetworks
@@ -118,12 +118,16 @@ class Worker(MultiService):
             problems=[lambda: self.store.save_error],
         )
         self.disk.setServiceParent(self)
-        # Bundle downloads: a pool of our own, quiet (no log line per connection).
+        # Bundle downloads: a pool of our own, quiet (no log line per connection),
+        # connecting only to the addresses the config allows (bundles/hosts.py).
         self._http_pool: HTTPConnectionPool | None = None
         if http_client is None:
-            http_client, self._http_pool = quiet_http_client(reactor, max_per_host=4, idle_timeout_s=30)
+            http_client, self._http_pool = bundle_http_client(
+                reactor, self.file_pool, config.allow_private_bundle_hosts, max_per_host=4, idle_timeout_s=30
+            )
         self.bundles = BundleCache(
-            reactor, self.file_pool, config.cache_dir, http_client, max_cache_bytes=config.bundle_cache_bytes
+            reactor, self.file_pool, config.cache_dir, http_client, max_cache_bytes=config.bundle_cache_bytes,
+            bundle_roots=config.bundle_roots,
         )
         self.builder = ImageBuilder(
             reactor,

@@ -1,8 +1,9 @@
 """The bundle cache: fetch a job's code bundle (a zip), unpack it once, lease it out.
 
-Sources: absolute paths and ``file://`` URLs (read on the BlockingPool), ``http(s)://``
-(treq, streamed to a temp file through the pool), ``gs://`` (the optional ``gcs``
-extra). Layout under ``cache_dir``::
+Sources: absolute paths and ``file://`` URLs (read on the BlockingPool; only under
+``bundle_roots`` when given: local.py), ``http(s)://`` (treq, streamed to a temp file
+through the pool; the worker's client connects only to allowed addresses: hosts.py),
+``gs://`` (the optional ``gcs`` extra). Layout under ``cache_dir``::
 
     bundles/<sha256>/   an unpacked bundle: the zip's root, read-only by contract
     bundles/tmp/        downloads, unpacks and deletions in progress; emptied at first use
@@ -29,7 +30,7 @@ import re
 import secrets
 import shutil
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +139,21 @@ class BundleCache:
         max_unpacked_bytes: int = 2 * GiB,
         max_members: int = 100_000,
         max_cache_bytes: int = 10 * GiB,
+        bundle_roots: Sequence[Path | str] = (),
     ) -> None:
+        """``http_client``: a treq client; the worker's checks the addresses it
+        connects to (`hosts.bundle_http_client`). ``bundle_roots``: the directories
+        local bundles may lie in; none (the default, with a warning): anywhere."""
         self._pool = pool
         self._root = Path(cache_dir) / "bundles"
         self._tmp = self._root / "tmp"
-        self._fetcher = Fetcher(reactor, pool, http_client, self._tmp, max_download_bytes)
+        roots = tuple(str(r) for r in bundle_roots)
+        self._fetcher = Fetcher(reactor, pool, http_client, self._tmp, max_download_bytes, roots)
+        if not roots:
+            _log.warn(
+                "file:// bundles are read from any path this worker can read; "
+                "--bundle-roots limits them to the directories named"
+            )
         self._limits = unzip.Limits(max_bytes=max_unpacked_bytes, max_members=max_members)
         self._max_cache = max_cache_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first

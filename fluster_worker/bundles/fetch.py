@@ -3,9 +3,14 @@
 `Fetcher.fetch` leaves the zip in a temp file (the caller deletes it), or reports
 that the source is unchanged since it gave some digest that is still cached:
 
-- file: keyed by (path, size, mtime_ns, dev, inode); read on the BlockingPool.
+- file: keyed by (path, size, mtime_ns, dev, inode); read on the BlockingPool, only
+  under the bundle roots when some are given (local.py).
 - http(s): conditional GET with the ETag/Last-Modified of the last 200; the body is
   streamed to disk through the pool, the socket paused while the disk lags behind.
+  Redirects are followed here (at most MAX_REDIRECTS), each a new request through
+  the client, whose connections check the address they reach (hosts.py). Every
+  failed download is the same one line to the job (`download_failed`), whatever the
+  cause: a job must not map the ports of the worker's network by its errors.
 - gs: keyed by the object's generation; needs the ``gcs`` extra (gcsfs).
 """
 
@@ -15,17 +20,18 @@ import hashlib
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -33,14 +39,20 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from fluster_worker.bundles import unzip
+from fluster_worker.bundles.hosts import HostRefused
 from fluster_worker.common.threads import BlockingPool
 
 T = TypeVar("T")
 Source = tuple[str, str]  # ("file", "/abs/path") or (scheme, url)
 HIGH_WATER = 8 * 1024 * 1024  # body bytes waiting for the disk before pausing the socket
 RESPONSE_TIMEOUT = 60.0  # seconds to get the response headers of a download
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
+#: What a job is told of any failed download; the worker's log has the cause.
+DOWNLOAD_FAILED = "download failed (the worker's log has the cause)"
 GCS_EXTRA = "gs:// bundles need the gcs extra: pip install 'fluster-worker[gcs]'"
 _REMEMBERED = 10_000  # sources whose last digest is kept in memory
+_log = Logger()
 
 
 class BundleError(Exception):
@@ -89,9 +101,11 @@ class Abort:
 class Fetcher:
     def __init__(
         self, reactor: IReactorTime, pool: BlockingPool, http_client: Any, tmp: Path,
-        max_bytes: int,
+        max_bytes: int, roots: Sequence[str] = (),
     ) -> None:
+        """``roots``: the directories local bundles may lie in (none: anywhere)."""
         self._reactor = reactor
+        self._roots = tuple(roots)
         self._pool = pool
         self._http = http_client
         self._tmp = tmp
@@ -107,13 +121,13 @@ class Fetcher:
         """The bytes of ``source``, or just its digest when unchanged and ``cached``."""
         scheme, where = source
         if scheme == "file":
-            key = await self._blocking(unzip.stat_key, where)
+            key = await self._blocking(unzip.stat_key, where, self._roots)
             if cached(digest := self._known.get(key, "")):
                 return Fetched(digest, None)
             say(f"reading bundle {shown(where)}")
             temp = self._temp()
             key, digest = await self._blocking(
-                unzip.copy_file, where, temp, self._max_bytes, abort.event
+                unzip.copy_file, where, temp, self._max_bytes, abort.event, self._roots
             )
             _remember(self._known, key, digest)
             return Fetched(digest, temp)
@@ -143,15 +157,7 @@ class Fetcher:
         known, validators = self._validators.get(url, ("", Headers()))
         conditional = cached(known)
         say(f"downloading bundle from {shown(url)}")
-        try:
-            response = await abort.wait(self._http.get(
-                url, headers=validators.copy() if conditional else Headers(), unbuffered=True,
-                reactor=self._reactor, timeout=RESPONSE_TIMEOUT,
-            ))
-        except Exception as e:
-            if abort.is_set():
-                raise CancelledError() from None
-            raise BundleError(f"cannot download bundle {shown(url)}: {http_reason(e)}") from None
+        response = await self._get(url, validators if conditional else Headers(), abort)
         code = response.code
         if code == 304 and conditional:
             _discard_body(response)
@@ -159,22 +165,60 @@ class Fetcher:
             return Fetched(known, None)
         if code != 200:
             _discard_body(response)
-            what = "bundle not found" if code in (404, 410) else "cannot download bundle"
-            raise BundleError(f"{what}: {shown(url)} (HTTP {code})")
+            raise download_failed(url, f"HTTP {code}")
         if response.length is not UNKNOWN_LENGTH and response.length > self._max_bytes:
             _discard_body(response)
-            raise BundleError(f"bundle is larger than {self._max_bytes} bytes: {shown(url)}")
+            raise download_failed(url, f"Content-Length {response.length} over {self._max_bytes} bytes")
         temp = self._temp()
         try:
             digest = await self._download(response, temp, abort)
         except BaseException as e:
             await self._pool.run(temp.unlink, True)
             if isinstance(e, BundleError):
-                raise BundleError(f"{e}: {shown(url)}") from None
+                raise download_failed(url, str(e)) from None
             raise
         if (validators_now := _validators_of(response.headers)) is not None:
             _remember(self._validators, url, (digest, validators_now))
         return Fetched(digest, temp)
+
+    async def _get(self, url: str, headers: Headers, abort: Abort) -> Any:
+        """The response to GET ``url``, redirects followed (at most MAX_REDIRECTS);
+        each hop connects through the client's own address check (hosts.py)."""
+        current = url
+        for hop in range(MAX_REDIRECTS + 1):
+            try:
+                response = await abort.wait(self._http.get(
+                    current, headers=headers.copy(), unbuffered=True, allow_redirects=False,
+                    reactor=self._reactor, timeout=RESPONSE_TIMEOUT,
+                ))
+            except Exception as e:
+                if abort.is_set():
+                    raise CancelledError() from None
+                refused = _refused_host(e)
+                if refused is not None:
+                    _log.warn("bundle download from {url} refused: {host} resolves to a private address",
+                              url=shown(current), host=unzip.oneline(refused))
+                    host = unzip.oneline(refused, 100)
+                    what = f"bundle host {host}" if hop == 0 else "bundle URL redirects to a host that"
+                    raise BundleError(
+                        f"{what} is not allowed (a private address; see --allow-private-bundle-hosts): "
+                        f"{shown(url)}"
+                    ) from None
+                where = f" (redirected to {shown(current)})" if hop else ""
+                raise download_failed(url, f"{http_reason(e)}{where}") from None
+            if response.code not in REDIRECTS:
+                return response
+            _discard_body(response)
+            location = (response.headers.getRawHeaders(b"location") or [b""])[0]
+            try:
+                target = urljoin(current, location.decode("ascii"))
+                scheme = urlsplit(target).scheme.lower()
+            except (UnicodeDecodeError, ValueError):
+                target, scheme = "", ""
+            if not location or scheme not in ("http", "https"):
+                raise download_failed(url, f"HTTP {response.code} to a bad Location {location[:100]!r}")
+            current = target
+        raise download_failed(url, f"more than {MAX_REDIRECTS} redirects")
 
     async def _download(self, response: Any, dest: Path, abort: Abort) -> str:
         """Stream the body to ``dest`` through the pool, a batch at a time."""
@@ -246,6 +290,24 @@ def shown(url: str) -> str:
     except ValueError:
         pass
     return unzip.oneline(url)
+
+
+def download_failed(url: str, detail: str) -> BundleError:
+    """The one error of every failed download (connection refused, timeout, any
+    HTTP status, a cut body...): a job must not learn from it which ports answer.
+    The detail goes to the worker's log, for the operator."""
+    _log.warn("bundle download from {url} failed: {detail}", url=shown(url), detail=unzip.oneline(detail))
+    return BundleError(f"cannot download bundle {shown(url)}: {DOWNLOAD_FAILED}")
+
+
+def _refused_host(error: BaseException) -> str | None:
+    """The host name when ``error`` is the address check's refusal (possibly
+    wrapped in twisted's ``reasons``)."""
+    for cause in [error, *(getattr(error, "reasons", None) or [])]:
+        value = cause.value if isinstance(cause, Failure) else cause
+        if isinstance(value, HostRefused):
+            return value.host
+    return None
 
 
 def http_reason(error: BaseException) -> str:

@@ -17,10 +17,12 @@ import stat
 import struct
 import threading
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from fluster_worker.bundles import local
 from fluster_worker.common.safe_tree import tree_usage
 from fluster_worker.common.text import one_line
 
@@ -58,31 +60,24 @@ def oneline(text: str, limit: int = 200) -> str:
     return one_line(text, limit)
 
 
-def stat_key(path: str) -> FileKey:
-    """The cache key of a local bundle file: changes whenever the file does."""
+def stat_key(path: str, roots: Sequence[str] = ()) -> FileKey:
+    """The cache key of a local bundle file: changes whenever the file does.
+    ``roots``: where it may lie (`local.py`); none: anywhere."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise UnzipError(f"bundle not found: {oneline(path)}") from None
-    except (OSError, ValueError) as e:
-        raise UnzipError(f"cannot read bundle {oneline(path)}: {_reason(e)}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise UnzipError(f"bundle is not a regular file: {oneline(path)}")
-    return _key(path, st)
+        return _key(path, local.stat_bundle(path, roots))
+    except local.LocalBundleError as e:
+        raise UnzipError(str(e)) from None
 
 
-def copy_file(path: str, dest: Path, max_bytes: int, abort: threading.Event) -> tuple[FileKey, str]:
+def copy_file(
+    path: str, dest: Path, max_bytes: int, abort: threading.Event, roots: Sequence[str] = ()
+) -> tuple[FileKey, str]:
     """Copy a local bundle to ``dest``; returns its key and the sha256 of the copy."""
-    try:  # O_NONBLOCK: opening a FIFO must not hang
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise UnzipError(f"bundle not found: {oneline(path)}") from None
-    except (OSError, ValueError) as e:
-        raise UnzipError(f"cannot read bundle {oneline(path)}: {_reason(e)}") from None
     try:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):  # checked before fdopen, which refuses directories
-            raise UnzipError(f"bundle is not a regular file: {oneline(path)}")
+        fd, before = local.open_bundle(path, roots)
+    except local.LocalBundleError as e:
+        raise UnzipError(str(e)) from None
+    try:
         src = os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
