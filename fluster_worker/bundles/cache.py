@@ -21,7 +21,9 @@ the last one leaves, the operation is aborted and removes its temp files.
 
 Eviction. Once the unpacked bundles total more than ``max_cache_bytes`` (file bytes), the
 least recently acquired ones without a lease are renamed into tmp and deleted. After a
-restart, recency is the bundle directory's mtime.
+restart, recency is the bundle directory's mtime. A restarted worker ``pin``s, by
+digest, the bundles of the jobs it is about to re-adopt (their containers mount them
+at /app), before anything can evict: a pinned bundle is never evicted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -158,6 +160,7 @@ class BundleCache:
         self._max_cache = max_cache_bytes
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._cached_bytes = 0
+        self._pins: Counter[str] = Counter()  # digest -> pins (`pin`), entry or not
         self._flights: dict[Source, _Flight] = {}
         self._locks: dict[str, DeferredLock] = {}  # per digest: unpack vs. delete
         self._recovery = DeferredLock()
@@ -179,6 +182,19 @@ class BundleCache:
         waiter = flight.join(log)
         self._spawn(self._fly(flight))
         return waiter
+
+    def pin(self, digest: str) -> BundleLease:
+        """Keep the cached bundle ``digest`` on disk until the lease is released:
+        the bundle of a job a previous worker process started, whose container
+        still mounts it (re-adoption). The pin holds at once, before the bundles
+        on disk are loaded (which it starts) and whether or not ``digest`` is among
+        them, so nothing evicts it in between. ValueError if ``digest`` is not a
+        sha256 in hex."""
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a bundle digest: {digest[:80]!r}")
+        self._pins[digest] += 1
+        self._spawn(self._check_pinned(digest))
+        return BundleLease(Bundle(digest, self._root / digest), lambda: self._unpin(digest))
 
     def idle(self) -> Deferred[None]:
         """Fires once no fetch, unpack or deletion is running (shutdown, tests)."""
@@ -227,12 +243,23 @@ class BundleCache:
         entry.leases -= 1
         self._evict()
 
+    def _unpin(self, digest: str) -> None:
+        self._pins[digest] -= 1
+        if self._pins[digest] <= 0:
+            del self._pins[digest]
+        self._evict()
+
+    async def _check_pinned(self, digest: str) -> None:
+        await self._recover(Abort())
+        if digest in self._pins and digest not in self._entries:
+            _log.warn("bundle {digest} is pinned (a re-adopted job's) but not in the cache", digest=digest)
+
     def _evict(self) -> None:
-        """Delete least recently used bundles without leases while over the cap."""
+        """Delete least recently used bundles without leases or pins while over the cap."""
         for digest, entry in list(self._entries.items()):
             if self._cached_bytes <= self._max_cache:
                 return
-            if entry.leases == 0:
+            if entry.leases == 0 and digest not in self._pins:
                 del self._entries[digest]
                 self._cached_bytes -= entry.size
                 _log.info("evicting bundle {digest} ({size} bytes)", digest=digest, size=entry.size)

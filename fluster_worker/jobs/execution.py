@@ -106,11 +106,13 @@ class JobExecution:
         self._stop = self.record.stop
         return Deferred.fromCoroutine(self._run(None))
 
-    def adopt(self, container: ContainerInfo) -> Deferred[None]:
+    def adopt(self, container: ContainerInfo, bundle: BundleLease | None = None) -> Deferred[None]:
         """Take over a container a previous worker process started for this job.
         It runs already, so it takes a slot (and its devices again) without
-        waiting in line."""
+        waiting in line. ``bundle``: the pin on the cached bundle its container
+        mounts (jobs/recovery.py), released when the job ends."""
         assert self._kit.admission is not None
+        self._lease = bundle
         self._ticket = self._kit.admission.adopt(self.record.spec, self.record.devices)
         return Deferred.fromCoroutine(self._run(container))
 
@@ -199,6 +201,7 @@ class JobExecution:
         self._move(JobState.BUILDING, "downloading bundle")
         if rec.spec.bundle_url:
             self._lease = await self._unless_stopped(kit.bundles.acquire(rec.spec.bundle_url, log=self._build_line))
+            rec.build.bundle_digest = self._lease.bundle.digest
         self._phase("building image")
         lease = self._lease
         build = await self._unless_stopped(

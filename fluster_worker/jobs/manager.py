@@ -46,7 +46,7 @@ from fluster_worker.jobs.model import (
     WorkerUnavailable,
 )
 from fluster_worker.jobs.outcome import KILLED_BY_REQUEST, lost_outcome
-from fluster_worker.jobs.recovery import plan_recovery
+from fluster_worker.jobs.recovery import BundlePins, plan_recovery
 from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
 from fluster_worker.node.conditions import UNAVAILABLE, NodeConditions
@@ -97,6 +97,8 @@ class JobManager(Service):
         self._limits = limits
         self._kit = replace(kit, changed=self._changed)
         self._store: JobStore = kit.store
+        # The cached bundles the jobs of a previous process mount, kept until recovery decides.
+        self._pins = BundlePins(kit.bundles)
         self._jobs: dict[str, JobRecord] = {}
         self._active: dict[str, JobExecution] = {}
         self._persisted: dict[str, Once[None]] = {}
@@ -139,6 +141,8 @@ class JobManager(Service):
             if record.job_id not in self._jobs:
                 self._jobs[record.job_id] = record
                 self._arrival = max(self._arrival, record.arrival)
+        # Before anything can fetch a bundle (and so evict one): see recovery.py.
+        self._pins.hold(self._jobs.values())
         self._loaded.fire(None)
         self._pruner.start(60, now=True)
         if self._engine is None:
@@ -187,7 +191,7 @@ class JobManager(Service):
         for record, container in plan.adopt:
             self._ports.reserve(record.ports.values())
             execution = JobExecution(record, b"", self._kit)
-            self._run(execution, execution.adopt(container))
+            self._run(execution, execution.adopt(container, self._pins.take(record.job_id)))
         for record in plan.lost:
             outcome = lost_outcome(record.container_id)
             record.error = outcome.error
@@ -210,6 +214,8 @@ class JobManager(Service):
             self._ports.reserve(record.ports.values())
             execution = JobExecution(record, b"", self._kit)
             self._run(execution, execution.start())
+        # Lost and restarted jobs mount nothing now (a restarted one acquires its bundle anew).
+        self._pins.release_all()
         self._reconciled.fire(None)
 
     def _remove(self, container: ContainerInfo) -> Deferred[None]:

@@ -131,6 +131,9 @@ class BuildInfo:
     finished_ms: int = 0
     from_cache: bool = False
     image_tag: str = ""
+    # The sha256 of the bundle its container mounts at /app ("" : none, or a
+    # record of an older worker): a restarted worker keeps it in the cache.
+    bundle_digest: str = ""
 
 
 @dataclass

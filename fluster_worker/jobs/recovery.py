@@ -12,16 +12,66 @@ labelled with the worker id. Pure: the JobManager carries it out.
   entry point, in their original arrival order.
 
 Jobs this process already runs (``active``) and their containers are left alone.
+
+The bundles they mount. A started container has the cached, unpacked bundle
+bind-mounted read-only at /app; the record keeps its digest
+(``build.bundle_digest``). A new worker process knows nothing of the leases
+the previous one held, so `BundlePins` pins those digests in the bundle cache
+as soon as the records are loaded, before anything can fetch a bundle and so
+evict one. Recovery hands an adopted job its pin (released when the job ends);
+every other pin goes once the plan is carried out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
+from twisted.logger import Logger
+
+from fluster_worker.bundles.cache import BundleLease
 from fluster_worker.containers.runtime import ContainerInfo
 from fluster_worker.jobs.model import JobRecord, JobState
 
-__all__ = ["RecoveryPlan", "arrival_order", "plan_recovery"]
+__all__ = ["BundlePins", "RecoveryPlan", "arrival_order", "plan_recovery"]
+
+_log = Logger()
+
+
+class Pinning(Protocol):
+    def pin(self, digest: str) -> BundleLease: ...
+
+
+class BundlePins:
+    """The pins on the cached bundles of the jobs a previous process left, by job id."""
+
+    def __init__(self, cache: Pinning) -> None:
+        self._cache = cache
+        self._pins: dict[str, BundleLease] = {}
+
+    def hold(self, records: Iterable[JobRecord]) -> None:
+        """Pin the bundle of every record that is not terminal and names one."""
+        for record in records:
+            digest = record.build.bundle_digest
+            if record.state.terminal or not digest or record.job_id in self._pins:
+                continue
+            try:
+                self._pins[record.job_id] = self._cache.pin(digest)
+            except ValueError:
+                _log.warn("job {job_id}: its record names no valid bundle digest", job_id=record.job_id)
+
+    def take(self, job_id: str) -> BundleLease | None:
+        """The pin of ``job_id``'s bundle, now the caller's to release."""
+        return self._pins.pop(job_id, None)
+
+    def release_all(self) -> None:
+        pins, self._pins = self._pins, {}
+        for lease in pins.values():
+            lease.release()
+
+    def __len__(self) -> int:
+        return len(self._pins)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Fakes around the bundle cache.
 
 - `FakeBundleCache`: the interface of `BundleCache` for tests of its callers (the
-  JobManager): no files fetched, each acquire finished or failed by the test.
+  JobManager): no files fetched, each acquire finished or failed by the test; pins
+  recorded.
 - `RecordingPool`: a real `BlockingPool` that counts calls per function and can hold
   the next call of one until the test releases it (tests of `BundleCache` itself).
 """
@@ -55,18 +56,41 @@ class FakeAcquire:
         self.deferred.errback(BundleError(message))
 
 
-class FakeBundleCache:
-    """`BundleCache.acquire` that records calls; ``auto`` finishes them at once."""
+@dataclass
+class FakePin:
+    """One call of `FakeBundleCache.pin`."""
 
-    def __init__(self, auto: Path | None = None) -> None:
+    digest: str
+    released: bool = False
+
+
+class FakeBundleCache:
+    """`BundleCache.acquire` and ``pin`` that record calls; ``auto`` finishes
+    acquires at once (with ``auto_digest``)."""
+
+    def __init__(self, auto: Path | None = None, auto_digest: str = "0" * 64) -> None:
         self.auto = auto
+        self.auto_digest = auto_digest
         self.acquires: list[FakeAcquire] = []
+        self.pins: list[FakePin] = []
+
+    def pin(self, digest: str) -> BundleLease:
+        if len(digest) != 64:
+            raise ValueError(f"not a bundle digest: {digest!r}")
+        pin = FakePin(digest)
+        self.pins.append(pin)
+        return BundleLease(Bundle(digest, Path("/fake-bundles") / digest), lambda: setattr(pin, "released", True))
+
+    @property
+    def pinned(self) -> list[str]:
+        """The digests pinned and not released yet."""
+        return [p.digest for p in self.pins if not p.released]
 
     def acquire(self, url: str, log: Callable[[str], None] | None = None) -> Deferred[BundleLease]:
         call = FakeAcquire(url, log)
         self.acquires.append(call)
         if self.auto is not None:
-            call.finish(self.auto)
+            call.finish(self.auto, self.auto_digest)
         return call.deferred
 
     @property
