@@ -26,6 +26,7 @@ from fluster_worker.logs import (
     LogQueryTimeout,
     LogStore,
     LogWriteError,
+    Page,
     disk,
 )
 from fluster_worker.logs import query as query_module
@@ -382,7 +383,7 @@ def test_scan_budget(tmp_path: Path, clock: Clock) -> None:
 
 
 def test_tail_reads_only_what_it_returns(tmp_path: Path, clock: Clock) -> None:
-    store = make_store(tmp_path, clock)
+    store = make_store(tmp_path, clock, page=Page(lines=10**6))  # a full read below is one page
     log = store.open("job")
     n = 200_000
     for start in range(0, n, 50_000):
@@ -477,6 +478,84 @@ def test_cursor_pages_are_cut_at_max_lines_exactly(tmp_path: Path, clock: Clock)
     stamped(log, "stdout", [(0, f"o{i}") for i in range(10)])
     assert data(query(store, clock, "job", max_lines=3, after_seq=-1)) == ["o0", "o1", "o2"]
     assert data(query(store, clock, "job", max_lines=3, after_seq=2)) == ["o3", "o4", "o5"]
+
+
+# -- every answer is at most a page ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_lines", [0, -1, -(2**31), 25, 2**31 - 1])
+def test_an_answer_is_at_most_a_page_of_lines_whatever_max_lines_says(
+    tmp_path: Path, clock: Clock, max_lines: int
+) -> None:
+    store = make_store(tmp_path, clock, page=Page(lines=20))
+    log = store.open("job")
+    add(log, "stdout", [f"l{i}" for i in range(100)])
+    lines = query(store, clock, "job", max_lines=max_lines)
+    assert data(lines) == [f"l{i}" for i in range(20)]
+    assert data(query(store, clock, "job", start_line=-50, max_lines=max_lines)) == [f"l{i}" for i in range(50, 70)]
+    assert len(query(store, clock, "job", max_lines=max_lines, regex="l")) == 20
+
+
+def test_an_answer_is_at_most_a_page_of_bytes_and_always_one_line(tmp_path: Path, clock: Clock) -> None:
+    store = make_store(tmp_path, clock, page=Page(bytes=10_000))
+    log = store.open("job")
+    add(log, "stdout", ["x" * 999 + str(i % 10) for i in range(50)])
+    assert len(query(store, clock, "job")) == 10
+    assert len(query(store, clock, "job", max_bytes=3000)) == 3  # a caller may ask for less
+    assert len(query(store, clock, "job", max_bytes=10**9)) == 10  # never more
+    add(log, "stderr", ["y" * 50_000], start_ms=100)
+    big = query(store, clock, "job", start_ms=T0 // MS + 99)
+    assert data(big) == ["y" * 50_000]  # a line larger than the page still comes: paging goes on
+
+
+def test_paging_by_start_line_or_start_ms_or_after_seq_reads_everything_once(tmp_path: Path, clock: Clock) -> None:
+    store = make_store(tmp_path, clock, page=Page(lines=10))
+    log = store.open("job")
+    # three lines a millisecond: a page of 10 would split one
+    stamped(log, "stdout", [(i // 3, f"o{i}") for i in range(95)])
+    stamped(log, "stderr", [(7, "e7"), (20, "e20")])
+    expected = data(_all(store, clock))
+    assert len(expected) == 97 and len(set(expected)) == 97
+    by_line: list[str] = []
+    while page := query(store, clock, "job", start_line=len(by_line)):
+        assert len(page) <= 10
+        by_line += data(page)
+    assert by_line == expected
+    by_ms: list[str] = []
+    last_ms = 0
+    while page := query(store, clock, "job", start_ms=last_ms):
+        assert len(page) <= 10
+        by_ms += data(page)
+        last_ms = page[-1].timestamp_ms
+    assert by_ms == expected
+    by_seq: list[str] = []
+    cursor = -1
+    while page := query(store, clock, "job", after_seq=cursor):
+        assert len(page) == 10 or len(by_seq) + len(page) == 97  # cursor pages are exact
+        by_seq += data(page)
+        cursor = page[-1].seq
+    assert by_seq == expected
+
+
+def _all(store: LogStore, clock: Clock) -> list[LogLine]:
+    out: list[LogLine] = []
+    cursor = -1
+    while page := query(store, clock, "job", after_seq=cursor):
+        out += page
+        cursor = page[-1].seq
+    return out
+
+
+def test_one_millisecond_longer_than_a_page_is_cut_at_the_page(tmp_path: Path, clock: Clock) -> None:
+    store = make_store(tmp_path, clock, page=Page(lines=10, bytes=1000))
+    log = store.open("job")
+    stamped(log, "stdout", [(0, f"o{i:02d}") for i in range(30)] + [(1, "next")])
+    assert data(query(store, clock, "job")) == [f"o{i:02d}" for i in range(10)]
+    assert data(query(store, clock, "job", max_lines=4)) == [f"o{i:02d}" for i in range(10)]
+    assert data(query(store, clock, "job", start_line=10)) == [f"o{i:02d}" for i in range(10, 20)]
+    # the byte bound cuts the group too
+    stamped(log, "stderr", [(5, "z" * 400) for _ in range(5)])
+    assert len(query(store, clock, "job", start_ms=T0 // MS + 4)) == 2
 
 
 def test_group_look_ahead_is_bounded_by_the_group(tmp_path: Path, clock: Clock) -> None:

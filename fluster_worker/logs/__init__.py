@@ -25,6 +25,7 @@ from fluster_worker.logs.model import (
     LogQueryTimeout,
     LogStats,
 )
+from fluster_worker.logs.query import Page
 from fluster_worker.logs.store import DEFAULT_MAX_STREAM_BYTES, JobLog, LogStore, LogWriteError
 from fluster_worker.logs.tail import FollowStopped, LogFollower, LogTailError
 
@@ -44,6 +45,7 @@ __all__ = [
     "LogStore",
     "LogTailError",
     "LogWriteError",
+    "Page",
     "StreamParser",
     "parse_timestamp",
 ]

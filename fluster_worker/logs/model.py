@@ -53,7 +53,9 @@ class LogQuery:
        keeps entries with timestamp_ms <= end_ms; ``after_seq`` (ours, the cursor)
        keeps the entries that come after the entry with that seq in the order.
     3. ``regex`` (non-empty): re2 search (not full match) on the data.
-    4. ``max_lines`` > 0: at most that many entries, the first ones, except that
+    4. ``max_lines`` > 0: at most that many entries, the first ones (and never
+       more than a page: LogStore's ``page``, 100,000 entries and 16 MiB of line
+       data by default; ``max_bytes`` > 0 asks for fewer bytes), except that
        the cut never splits a millisecond: if the entry after it has the
        timestamp_ms of the last one kept, the entries of that millisecond are
        dropped from the answer, or, when they are all of it, the answer is all
@@ -70,6 +72,7 @@ class LogQuery:
     start_ms: int = 0
     end_ms: int = 0
     max_lines: int = 0
+    max_bytes: int = 0
     sources: frozenset[str] | None = None
     after_seq: int | None = None
 

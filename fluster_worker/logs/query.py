@@ -31,6 +31,16 @@ so the cost stays O(answer + that group). Paging with ``after_seq`` is exact
 within a millisecond, so pages asked for with a cursor are cut at
 ``max_lines`` exactly, as before.
 
+Every answer is at most a page: ``page_lines`` entries and ``page_bytes`` of
+line data (LogStore's, 100,000 and 16 MiB by default), whatever ``max_lines``
+asks (0, negative or more), so no query makes the worker read, hold or encode an
+unbounded answer. ``max_lines`` <= 0 means "a page". A page cut follows the
+millisecond rule above as a ``max_lines`` cut does (a short page is not the end
+of the log), except that a millisecond holding more than a page is cut at the
+page: a poller by ``start_ms`` would skip the rest of it; ``start_line`` and
+``after_seq`` page through it. The byte bound always lets one entry through (a
+line is at most 1 MiB), so paging makes progress.
+
 Regexes are untrusted: at most 1024 characters, compiled by RE2 (linear-time
 matching, no backtracking, memory bounded by ``max_mem`` = 8 MiB, not kept in
 re2's cache), searched (not full match) on each line's UTF-8 data. A scan runs
@@ -46,7 +56,6 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import re2
@@ -67,6 +76,21 @@ _SMALL_RANK = 4096  # ranks this close to either end are selected by reading key
 _CHECK_EVERY = 256  # lines scanned between two looks at the clock
 _MS = 1_000_000
 _REGEX_MAX_MEM = 8 << 20
+#: The default page: most entries, and most bytes of line data, one answer holds.
+DEFAULT_PAGE_LINES = 100_000
+DEFAULT_PAGE_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Page:
+    """The bounds of one answer."""
+
+    lines: int = DEFAULT_PAGE_LINES
+    bytes: int = DEFAULT_PAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if self.lines < 1 or self.bytes < 1:
+            raise ValueError("a page holds at least one entry and one byte")
 
 
 @dataclass(frozen=True)
@@ -225,10 +249,14 @@ class _Scan:
         self._clock = clock
         self._deadline = clock() + budget_s
         self._scanned = 0
+        self._held: _Row | None = None  # a matching row read but not taken
 
     def next(self, within_ms: int | None = None) -> _Row | None:
         """The next matching row; None at the end, or (with ``within_ms``) at the
         first row, matching or not, of another millisecond (it is consumed)."""
+        held, self._held = self._held, None
+        if held is not None:
+            return held if within_ms is None or held[0] == within_ms else None
         search = self._search
         for row in self._rows:
             if within_ms is not None and row[0] != within_ms:
@@ -246,21 +274,26 @@ class _Scan:
                 return row
         return None
 
-    def take(self, limit: int) -> list[_Row]:
-        """Up to ``limit`` (all if negative) matching rows."""
-        if self._search is None:
-            return list(self._rows if limit < 0 else islice(self._rows, limit))
+    def take(self, limit: int, max_bytes: int) -> tuple[list[_Row], bool]:
+        """Up to ``limit`` matching rows holding at most ``max_bytes`` of data (the
+        first row whatever its size), and whether a row was left for the bytes."""
         out: list[_Row] = []
-        while len(out) != limit:
+        size = 0
+        while len(out) < limit:
             row = self.next()
             if row is None:
                 break
+            size += len(row[3])
+            if size > max_bytes and out:
+                self._held = row
+                return out, True
             out.append(row)
-        return out
+        return out, False
 
 
-def _whole_last_millisecond(out: list[_Row], scan: _Scan) -> list[_Row]:
-    """The group rule (see the module doc) for an answer ``out`` cut at max_lines."""
+def _whole_last_millisecond(out: list[_Row], scan: _Scan, page: Page) -> list[_Row]:
+    """The group rule (see the module doc) for an answer ``out`` cut at max_lines
+    or at the page."""
     last_ms = out[-1][0]
     following = scan.next(within_ms=last_ms)
     if following is None:
@@ -270,10 +303,16 @@ def _whole_last_millisecond(out: list[_Row], scan: _Scan) -> list[_Row]:
         first -= 1
     if first > 0:
         return out[:first]  # drop the partial group
-    # One millisecond holds more matching entries than max_lines: all of them.
-    out.append(following)
-    while (row := scan.next(within_ms=last_ms)) is not None:
+    # One millisecond holds more matching entries than max_lines: all of them,
+    # up to a page.
+    size = sum(len(row[3]) for row in out)
+    row: _Row | None = following
+    while row is not None and len(out) < page.lines:
+        size += len(row[3])
+        if size > page.bytes:
+            break
         out.append(row)
+        row = scan.next(within_ms=last_ms)
     return out
 
 
@@ -287,9 +326,11 @@ def run_query(
     stats: ReadStats,
     budget_s: float,
     clock: Callable[[], float] = time.monotonic,
+    page: Page | None = None,
 ) -> list[LogLine]:
-    """Answer ``plan`` from the committed lines of ``view``."""
+    """Answer ``plan`` from the committed lines of ``view``, at most a ``page``."""
     q = plan.query
+    page = page or Page()
     runs = open_runs(view, plan.sources, stats)
     try:
         if not runs:
@@ -306,9 +347,10 @@ def run_query(
         stops = [r.length for r in runs]
         if q.end_ms > 0:
             stops = [_count_le_ms(r, q.end_ms) for r in runs]
-        limit = q.max_lines if q.max_lines > 0 else -1
+        limit = min(q.max_lines, page.lines) if q.max_lines > 0 else page.lines
+        max_bytes = min(q.max_bytes, page.bytes) if q.max_bytes > 0 else page.bytes
         # One entry more than the answer is read at once: the group rule looks at it.
-        first_block = 64 if plan.regex is not None else (min(limit + 1, _BLOCK) if limit > 0 else _BLOCK)
+        first_block = 64 if plan.regex is not None else min(limit + 1, _BLOCK)
         streams = [
             _lines(r, start, stop, first_block)
             for r, start, stop in zip(runs, starts, stops, strict=True)
@@ -318,9 +360,9 @@ def run_query(
             return []
         merged = streams[0] if len(streams) == 1 else heapq.merge(*streams)
         scan = _Scan(merged, plan.regex, budget_s, clock)
-        out = scan.take(limit)
-        if len(out) == limit and q.after_seq is None:
-            out = _whole_last_millisecond(out, scan)
+        out, full = scan.take(limit, max_bytes)
+        if (full or len(out) == limit) and q.after_seq is None:
+            out = _whole_last_millisecond(out, scan, page)
         return _to_lines(out)
     finally:
         for r in runs:

@@ -33,7 +33,7 @@ from fluster_worker.logs.model import (
     LogQuery,
     LogStats,
 )
-from fluster_worker.logs.query import compile_query, run_query
+from fluster_worker.logs.query import Page, compile_query, run_query
 from fluster_worker.logs.runs import ReadStats
 
 DEFAULT_MAX_STREAM_BYTES = 100 * 2**20
@@ -58,6 +58,7 @@ class LogStore:
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         query_budget_s: float = DEFAULT_QUERY_BUDGET_S,
         batch_delay_s: float = DEFAULT_BATCH_DELAY_S,
+        page: Page | None = None,
     ) -> None:
         if max_stream_bytes < 1024:
             raise ValueError("max_stream_bytes must be at least 1024")
@@ -68,6 +69,7 @@ class LogStore:
         self.max_line_bytes = max_line_bytes
         self.query_budget_s = query_budget_s
         self.batch_delay_s = batch_delay_s
+        self.page = page or Page()  # the most one query answers (query.py)
         self.bytes_read = 0  # by queries, since start
         self._logs: dict[str, JobLog] = {}
         self._gates: dict[str, Once[None]] = {}
@@ -85,7 +87,7 @@ class LogStore:
         return job_log
 
     def query(self, job_id: str, q: LogQuery) -> Deferred[list[LogLine]]:
-        """FetchLogs (see LogQuery). Fails with InvalidLogQuery for a query that
+        """FetchLogs (see LogQuery), at most ``page``. Fails with InvalidLogQuery for a query that
         cannot be run, LogQueryTimeout when a regex scan passes its budget. An
         unknown job has no lines."""
 
@@ -110,7 +112,7 @@ class LogStore:
                     if view is None:
                         return []
                     try:
-                        return run_query(view, plan, stats, self.query_budget_s)
+                        return run_query(view, plan, stats, self.query_budget_s, page=self.page)
                     except FileNotFoundError:
                         continue
                 return []

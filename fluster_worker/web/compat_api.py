@@ -11,7 +11,8 @@ Routes (GET, ``application/json``):
   (ours: the GPUs or TPU a job asked for and holds, or null).
 - ``/api/jobs/<id>/logs?tail=N&source=S``: a list of ``{timestamp, source, data}``
   (the last N lines of source S; all sources without S; every line, up to
-  ``MAX_LOG_LINES``, without N); an unknown job is ``[]``.
+  ``MAX_LOG_LINES``, without N; at most ``MAX_LOG_BYTES`` of line data, the
+  oldest of those lines first); an unknown job is ``[]``.
 
 Ids may contain "/" (``parent/child``): the routes take the rest of the path,
 and a ``%2F`` in it is part of the id (see ``views.split_suffix``). The
@@ -28,6 +29,7 @@ from twisted.web.server import Request
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogQuery
 from fluster_worker.web.views import (
+    MAX_LOG_BYTES,
     MAX_LOG_LINES,
     BadRequest,
     WorkerView,
@@ -162,7 +164,8 @@ class CompatApi:
         sources = frozenset({source}) if source else None
         count = min(tail, MAX_LOG_LINES) if tail else MAX_LOG_LINES
         try:
-            lines = await self._worker.logs.query(job_id, LogQuery(start_line=-count, sources=sources))
+            query = LogQuery(start_line=-count, sources=sources, max_bytes=MAX_LOG_BYTES)
+            lines = await self._worker.logs.query(job_id, query)
         except InvalidLogQuery as e:
             return json_error(request, 400, str(e))
         return json_response(

@@ -28,6 +28,8 @@ from fluster_worker.logs.model import SOURCES, LogLine, LogQuery
 
 #: The most log lines one request returns (server-rendered or JSON).
 MAX_LOG_LINES = 5000
+#: The most line data one such request returns (the JSON is encoded on the reactor).
+MAX_LOG_BYTES = 4 * 2**20
 DEFAULT_TAIL = 500
 #: The most jobs one listing returns.
 MAX_JOBS = 1000
@@ -337,9 +339,13 @@ def log_query(
     """The last ``tail`` lines, or with ``after_seq`` the first ``tail`` lines after
     that one (``after_seq`` < 0: from the first line)."""
     if after_seq is None:
-        return LogQuery(regex=regex, start_line=-tail, sources=sources)
+        return LogQuery(regex=regex, start_line=-tail, sources=sources, max_bytes=MAX_LOG_BYTES)
     return LogQuery(
-        regex=regex, max_lines=tail, sources=sources, after_seq=after_seq if after_seq >= 0 else None
+        regex=regex,
+        max_lines=tail,
+        max_bytes=MAX_LOG_BYTES,
+        sources=sources,
+        after_seq=after_seq if after_seq >= 0 else None,
     )
 
 
