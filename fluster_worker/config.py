@@ -77,6 +77,13 @@ class WorkerConfig:
     allow_control_from: str = "loopback,controller"  # RunJob, KillJob, the dashboard's kill
     allow_read_from: str = "*"  # everything else
     auth_token_file: Path | None = None  # a bearer token every call and page must carry
+    # No request can freeze the worker: connections, request reads, the PENDING
+    # line and FetchLogs pages are bounded.
+    max_connections: int | None = 512  # None: no cap
+    request_read_timeout: float | None = 60.0  # seconds to read a request whole; None: none
+    max_pending_jobs: int | None = 1000  # None: no bound
+    log_page_lines: int = 100_000  # most entries one FetchLogs answers
+    log_page_bytes: int = 16 * 2**20  # most line data one FetchLogs answers
 
     @property
     def cpu_count(self) -> int:

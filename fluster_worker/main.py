@@ -84,6 +84,15 @@ _OPTIONS: list[tuple[str, str | None, str | None, str, Callable[[str], Any]]] = 
      "/metrics): as --allow-control-from; control callers may always read.", str),
     ("auth-token-file", None, None, "File holding a token every call and page must carry "
      "(Authorization: Bearer).", Path),
+    # -- bounds on what one caller can hold (connections, reads, the queue, log pages)
+    ("max-connections", None, str(_DEFAULTS.max_connections), "Most connections open at once (0: no cap).", int),
+    (
+        "request-read-timeout", None, str(int(_DEFAULTS.request_read_timeout or 0)),
+        "Seconds a request's headers and body may take to arrive (0: no limit).", float,
+    ),
+    ("max-pending-jobs", None, str(_DEFAULTS.max_pending_jobs), "Most jobs waiting PENDING (0: no bound).", int),
+    ("log-page-lines", None, str(_DEFAULTS.log_page_lines), "Most log entries one FetchLogs answers.", int),
+    ("log-page-bytes", None, str(_DEFAULTS.log_page_bytes), "Most log data one FetchLogs answers.", int),
 ]
 
 # (name, help): flags, also read from FLUSTER_WORKER_<NAME> (1/true/yes/on).
@@ -204,6 +213,12 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
     for name in ("max-env-vars", "max-env-bytes"):
         if values[name] < 0:
             raise usage.UsageError(f"--{name} must be at least 0")
+    for name in ("max-connections", "request-read-timeout", "max-pending-jobs"):
+        if values[name] < 0:
+            raise usage.UsageError(f"--{name} must be at least 0")
+    for name in ("log-page-lines", "log-page-bytes"):
+        if values[name] < 1:
+            raise usage.UsageError(f"--{name} must be at least 1")
     job_user: JobUser | None = values.get("job-user")
     if job_user is not None and os.geteuid() != 0 and (job_user.uid, job_user.gid) != (os.geteuid(), os.getegid()):
         raise usage.UsageError(
@@ -254,6 +269,11 @@ def to_config(opts: dict[str, Any]) -> WorkerConfig:
         allow_control_from=values["allow-control-from"],
         allow_read_from=values["allow-read-from"],
         auth_token_file=values.get("auth-token-file"),
+        max_connections=values["max-connections"] or None,
+        request_read_timeout=values["request-read-timeout"] or None,
+        max_pending_jobs=values["max-pending-jobs"] or None,
+        log_page_lines=values["log-page-lines"],
+        log_page_bytes=values["log-page-bytes"],
     )
 
 

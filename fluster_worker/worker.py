@@ -52,7 +52,7 @@ from fluster_worker.jobs.manager import JobManager
 from fluster_worker.jobs.sandbox import JobUser, Sandbox
 from fluster_worker.jobs.store import JobStore
 from fluster_worker.jobs.validation import RequestLimits
-from fluster_worker.logs import LogFollower, LogStore
+from fluster_worker.logs import LogFollower, LogStore, Page
 from fluster_worker.logs.docker_cli import death_signal_prefix
 from fluster_worker.node import DiskWatch, NodeConditions
 from fluster_worker.node.conditions import UNAVAILABLE
@@ -102,7 +102,11 @@ class Worker(MultiService):
         self.engine_networks = EngineNetworks(reactor, self.docker_pool, client, self.runtime.health)
         self.engine_networks.setServiceParent(self)
         self.logs = LogStore(
-            config.state_dir / "logs", self.file_pool, reactor, max_stream_bytes=config.log_max_stream_bytes
+            config.state_dir / "logs",
+            self.file_pool,
+            reactor,
+            max_stream_bytes=config.log_max_stream_bytes,
+            page=Page(config.log_page_lines, config.log_page_bytes),
         )
         job_user = JobUser(*config.job_user) if config.job_user is not None else JobUser.default()
         self.store = JobStore(
@@ -191,6 +195,7 @@ class Worker(MultiService):
             conditions=self.conditions,
             engine=self.runtime.health,
             limits=RequestLimits(config.max_env_vars, config.max_env_bytes, config.max_job_disk_bytes),
+            max_pending_jobs=config.max_pending_jobs,
         )
         self.registration: Registration | None = None
         self.reports: ReportQueue | None = None
@@ -349,7 +354,13 @@ class Worker(MultiService):
             self.log.failure("stopping {service} failed", service=service)
 
     def add_web(self, site: Site) -> WebService:
-        self.web = WebService(self.reactor, self.config.listen, site)
+        self.web = WebService(
+            self.reactor,
+            self.config.listen,
+            site,
+            max_connections=self.config.max_connections,
+            read_timeout_s=self.config.request_read_timeout,
+        )
         self.web.setServiceParent(self)
         return self.web
 

@@ -126,6 +126,24 @@ def test_a_bad_request_is_refused_before_any_work(
     assert rig.ports.held == frozenset()
 
 
+def test_runjob_past_max_pending_jobs_is_resources_exhausted(make_job_rig: MakeRig) -> None:
+    rig = make_job_rig(slots=1, max_pending_jobs=2)
+    rig.start()
+    assert rig.submit("job-1").state is JobState.RUNNING
+    waiting = [rig.submit(f"job-{i}", port_names=("http",)) for i in (2, 3)]
+    assert [r.state for r in waiting] == [JobState.PENDING, JobState.PENDING]
+    held = set(rig.ports.held)
+    with pytest.raises(ResourcesExhausted, match=r"^2 jobs are already waiting to start \(--max-pending-jobs 2\)"):
+        rig.submit("job-4", port_names=("http",))
+    assert rig.manager.find("job-4") is None
+    assert rig.ports.held == held  # refused before any port is taken
+    # A retried RunJob of a waiting job is still answered (idempotent).
+    assert rig.manager.submit(JobRequest(job_id="job-2", entrypoint=ENTRYPOINT)) is waiting[0]
+    finish(rig, "job-1")
+    assert rig.record("job-2").state is JobState.RUNNING
+    assert rig.submit("job-4").state is JobState.PENDING
+
+
 def test_no_ports_left_is_resources_exhausted_and_holds_none(make_job_rig: MakeRig) -> None:
     rig = make_job_rig(port_range=(31000, 31002))
     rig.start()

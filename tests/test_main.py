@@ -107,3 +107,21 @@ def test_disk_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.min_free_disk_bytes, config.low_free_disk_bytes) == (1000, 5000)
     with pytest.raises(usage.UsageError):
         parse("--min-free-disk-bytes", "-1")
+
+
+def test_request_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("FLUSTER_WORKER_"):
+            monkeypatch.delenv(key)
+    config = parse().config
+    assert (config.max_connections, config.request_read_timeout, config.max_pending_jobs) == (512, 60.0, 1000)
+    assert (config.log_page_lines, config.log_page_bytes) == (100_000, 16 * 2**20)
+    config = parse(
+        "--max-connections", "0", "--request-read-timeout", "0", "--max-pending-jobs", "0",
+        "--log-page-lines", "10", "--log-page-bytes", "4096",
+    ).config
+    assert (config.max_connections, config.request_read_timeout, config.max_pending_jobs) == (None, None, None)
+    assert (config.log_page_lines, config.log_page_bytes) == (10, 4096)
+    for argv in (("--max-connections", "-1"), ("--max-pending-jobs", "-5"), ("--log-page-lines", "0")):
+        with pytest.raises(usage.UsageError):
+            parse(*argv)

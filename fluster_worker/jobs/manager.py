@@ -77,10 +77,12 @@ class JobManager(Service):
         conditions: NodeConditions | None = None,
         engine: EngineHealth | None = None,
         limits: validation.RequestLimits = validation.DEFAULT_LIMITS,
+        max_pending_jobs: int | None = None,
     ) -> None:
         """``conditions``: new jobs are refused while one blocks. ``engine``: the
         containers are reconciled once it is up, and again after each outage
-        (without it, at once)."""
+        (without it, at once). ``max_pending_jobs``: RunJob is refused
+        (resource_exhausted) while that many jobs wait PENDING (None: no bound)."""
         self._reactor = reactor
         self._logs = logs
         self._ports = ports
@@ -95,6 +97,7 @@ class JobManager(Service):
         self._conditions = conditions
         self._engine = engine
         self._limits = limits
+        self._max_pending = max_pending_jobs
         self._kit = replace(kit, changed=self._changed)
         self._store: JobStore = kit.store
         # The cached bundles the jobs of a previous process mount, kept until recovery decides.
@@ -280,6 +283,7 @@ class JobManager(Service):
                     f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
                 )
         self._admit()
+        self._check_line()
         spec = validation.job_spec(request, self._cpu_count, self._kit.devices, self._limits)
         try:
             ports = self._ports.allocate(spec.port_names)
@@ -399,6 +403,17 @@ class JobManager(Service):
         if blocking.severity == UNAVAILABLE:
             raise WorkerUnavailable(blocking.reason)
         raise ResourcesExhausted(blocking.reason)
+
+    def _check_line(self) -> None:
+        """Refuse a job past ``max_pending_jobs`` waiting ones: the line (and the
+        ports its jobs hold from acceptance) stays bounded."""
+        if self._max_pending is None:
+            return
+        waiting = sum(1 for e in self._active.values() if e.record.state is JobState.PENDING)
+        if waiting >= self._max_pending:
+            raise ResourcesExhausted(
+                f"{waiting} jobs are already waiting to start (--max-pending-jobs {self._max_pending}); try again later"
+            )
 
     def _run(self, execution: JobExecution, running: Deferred[None]) -> None:
         job_id = execution.record.job_id

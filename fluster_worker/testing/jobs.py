@@ -96,6 +96,7 @@ class JobRig:
         stop_jobs_on_exit: bool = False,
         conditions: NodeConditions | None = None,
         runtime: FakeContainerRuntime | None = None,
+        max_pending_jobs: int | None = None,
     ) -> None:
         """``runtime``: the containers (and clock) of an earlier rig on the same
         ``root``: a worker restarted on the same engine and state dir."""
@@ -145,6 +146,7 @@ class JobRig:
             stop_jobs_on_exit=stop_jobs_on_exit,
             conditions=conditions,
             engine=self.runtime.health,
+            max_pending_jobs=max_pending_jobs,
         )
         # Every change the manager announces: (job id, state name, status message).
         self.changes: list[tuple[str, str, str]] = []

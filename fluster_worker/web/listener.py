@@ -1,5 +1,6 @@
 """WebService: the worker's HTTP site on a Twisted endpoint string (``tcp:...``,
-``ssl:...``); knows the real port once listening."""
+``ssl:...``), with its connection cap and read deadline (``rpc.site``); knows the
+real port once listening."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from fluster_worker.common.waiters import Once
+from fluster_worker.web.rpc.site import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, limit_connections
 
 
 class WebService(Service):
@@ -21,10 +23,19 @@ class WebService(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, site: Site) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        description: str,
+        site: Site,
+        *,
+        max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
+        read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
+    ) -> None:
         self._reactor = reactor
         self._description = description
         self._site = site
+        limit_connections(site, max_connections, read_timeout_s)
         self.port: IListeningPort | None = None
         self._listening: Once[int] = Once()
 

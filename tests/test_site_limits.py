@@ -1,0 +1,241 @@
+"""What a connection may cost before a handler runs, over real sockets: paths that
+are not UTF-8, the connection cap, the read deadline (slowloris), and what they
+must leave alone (keep-alive, a slow answer)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from klein import Klein
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from fluster_worker.web.rpc.site import GuardedSite, bounded_site
+
+READ_TIMEOUT_S = 0.5
+SLOW_ANSWER_S = 1.5
+
+
+class Raw(Protocol):
+    """A client that writes what it is told and keeps every byte it gets."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred[bytes] = Deferred()
+        self._waiting: list[tuple[bytes, Deferred[bytes]]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for marker, d in list(self._waiting):
+            if self.received.count(marker) and not d.called:
+                self._waiting.remove((marker, d))
+                d.callback(self.received)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        for _, d in self._waiting:
+            if not d.called:
+                d.callback(self.received)
+        self.closed.callback(self.received)
+
+    def until(self, marker: bytes) -> Deferred[bytes]:
+        d: Deferred[bytes] = Deferred()
+        if marker in self.received:
+            d.callback(self.received)
+        else:
+            self._waiting.append((marker, d))
+        return d
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+async def connect(port: int) -> Raw:
+    proto = Raw()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+    return proto
+
+
+def with_deadline(d: Deferred[Any], seconds: float = 10.0) -> Deferred[Any]:
+    return d.addTimeout(seconds, reactor)
+
+
+@pytest.fixture
+def log_failures() -> Iterator[list[LogEvent]]:
+    seen: list[LogEvent] = []
+
+    def observe(event: LogEvent) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield seen
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.async_yield_fixture
+async def site() -> AsyncIterator[tuple[int, GuardedSite]]:
+    app = Klein()
+
+    @app.route("/", methods=["GET", "POST"])
+    def hello(request: Request) -> bytes:
+        return b"hello"
+
+    @app.route("/slow")
+    def slow(request: Request) -> Deferred[bytes]:
+        return deferLater(reactor, SLOW_ANSWER_S, lambda: b"done")
+
+    @app.route("/<string:name>")
+    def named(request: Request, name: str) -> bytes:
+        return name.encode()
+
+    s = bounded_site(app.resource(), 1024, max_connections=3, read_timeout_s=READ_TIMEOUT_S, idle_timeout_s=30)
+    port = reactor.listenTCP(0, s, interface="127.0.0.1")
+    yield port.getHost().port, s
+    await port.stopListening()
+
+
+def get(path: bytes, close: bool = True) -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [b"/%ff", b"/job/%c0%80/kill", b"/fluster.cluster.WorkerService/%ff", b"/a/%ff%fe/logs", b"/%ff?x=1"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_path_that_is_not_utf8_is_a_plain_400_without_a_traceback(
+    site: tuple[int, GuardedSite], log_failures: list[LogEvent], path: bytes
+) -> None:
+    client = await connect(site[0])
+    client.send(get(path))
+    answer = await with_deadline(client.closed)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"text/plain" in head
+    assert body == b"request path is not UTF-8 once percent-decoded\n"
+    assert log_failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_raw_non_ascii_bytes_in_the_request_line_are_a_400(
+    site: tuple[int, GuardedSite], log_failures: list[LogEvent]
+) -> None:
+    client = await connect(site[0])
+    client.send(get(b"/\xff\xfe"))
+    answer = await with_deadline(client.closed)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert log_failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_host_that_is_not_utf8_is_a_plain_400(
+    site: tuple[int, GuardedSite], log_failures: list[LogEvent]
+) -> None:
+    client = await connect(site[0])
+    client.send(b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\nConnection: close\r\n\r\n")
+    answer = await with_deadline(client.closed)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert log_failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_paths_are_routed(site: tuple[int, GuardedSite]) -> None:
+    client = await connect(site[0])
+    client.send(get(b"/%C3%A9t%C3%A9"))
+    answer = await with_deadline(client.closed)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert "été".encode() in answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_past_the_cap_are_answered_503_until_one_closes(site: tuple[int, GuardedSite]) -> None:
+    port, s = site
+    held = [await connect(port) for _ in range(3)]
+    # The server counts a connection once it accepted it: an answered request says so.
+    for client in held:
+        client.send(get(b"/", close=False))
+        await with_deadline(client.until(b"hello"))
+    assert s.open_connections == 3
+    extra = await connect(port)
+    refused = await with_deadline(extra.closed)
+    assert refused.startswith(b"HTTP/1.1 503 "), refused
+    assert s.refused_connections == 1
+    # The held connections still work (keep-alive), and one closing makes room.
+    held[0].send(get(b"/again", close=True))
+    assert b"again" in (await with_deadline(held[0].closed))
+    deadline = reactor.seconds() + 10
+    while s.open_connections != 2:
+        assert reactor.seconds() < deadline, s.open_connections
+        await deferLater(reactor, 0.01, lambda: None)
+    late = await connect(port)
+    late.send(get(b"/late"))
+    assert b"late" in (await with_deadline(late.closed))
+    for client in held[1:]:
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await with_deadline(client.closed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_sending_slowly_is_answered_408_and_dropped(site: tuple[int, GuardedSite]) -> None:
+    client = await connect(site[0])
+    client.send(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    # One header byte every 50 ms: the idle timeout never fires, the read deadline must.
+    drip = LoopingCall(client.send, b"X")
+    drip.start(0.05)
+    started = reactor.seconds()
+    try:
+        answer = await with_deadline(client.closed)
+    finally:
+        if drip.running:
+            drip.stop()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert reactor.seconds() - started >= READ_TIMEOUT_S * 0.9
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_body_is_dropped_too(site: tuple[int, GuardedSite]) -> None:
+    client = await connect(site[0])
+    client.send(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n")
+    drip = LoopingCall(client.send, b"x")
+    drip.start(0.05)
+    try:
+        answer = await with_deadline(client.closed)
+    finally:
+        if drip.running:
+            drip.stop()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_takes_longer_than_the_read_deadline_is_not_cut(site: tuple[int, GuardedSite]) -> None:
+    """A KillJob waiting out its grace: the server computing, not the client reading."""
+    client = await connect(site[0])
+    client.send(get(b"/slow", close=False))
+    first = await with_deadline(client.until(b"done"))
+    assert first.startswith(b"HTTP/1.1 200 ")
+    # Keep-alive: the same connection, idle for longer than the read deadline, serves again.
+    await deferLater(reactor, READ_TIMEOUT_S * 2, lambda: None)
+    client.send(get(b"/second"))
+    answer = await with_deadline(client.closed)
+    assert b"second" in answer
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_behind_a_slow_answer_are_served(site: tuple[int, GuardedSite]) -> None:
+    client = await connect(site[0])
+    client.send(get(b"/slow", close=False) + get(b"/next"))
+    answer = await with_deadline(client.closed)
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+    assert b"next" in answer
