@@ -7,6 +7,7 @@ Every option can also come from the environment as ``FLUSTER_WORKER_<OPTION>``
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from fluster_worker.containers.resources import parse_disk
 from fluster_worker.jobs.sandbox import JobUser
 
 _DEFAULTS = WorkerConfig()
+#: sys.setswitchinterval of the worker process (see makeService).
+REACTOR_SWITCH_INTERVAL_S = 0.001
 #: Defaults that are not one value, as --help shows them.
 _SHOWN_DEFAULTS = {
     "ca-bundle": "the first of " + ", ".join(f"${v}" for v in HOST_CA_VARIABLES) + " that names a file, else none",
@@ -299,6 +302,10 @@ def makeService(options: Options) -> IService:
 
     from fluster_worker.worker import assemble
 
+    # Pool threads (log queries, encoding large answers) hold the GIL up to the
+    # switch interval at a time whenever the reactor wants it back; 1 ms instead of
+    # Python's 5 keeps HealthCheck answering in milliseconds while they work.
+    sys.setswitchinterval(REACTOR_SWITCH_INTERVAL_S)
     if options.config.ca_bundle is not None:
         Logger().info("image builds trust the CA bundle {path}", path=str(options.config.ca_bundle))
     return assemble(options.config, reactor)

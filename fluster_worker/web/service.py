@@ -17,6 +17,7 @@ from fluster_worker.jobs.model import JobError, JobRecord, valid_job_id
 from fluster_worker.logs import InvalidLogQuery, LogQueryTimeout, LogStore
 from fluster_worker.node import NodeConditions
 from fluster_worker.web import wire
+from fluster_worker.web.logpage import log_page
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.connect import Encoded
 from fluster_worker.web.rpc.errors import Code, ConnectError
@@ -71,7 +72,8 @@ class WorkerService:
         """Every job's status, joined from their cached bytes (statuses.py)."""
         return self._statuses.listing()
 
-    async def FetchLogs(self, request: pb.FetchLogsRequest) -> pb.FetchLogsResponse:
+    async def FetchLogs(self, request: pb.FetchLogsRequest) -> pb.FetchLogsResponse | Encoded:
+        """At most a page (logs/query.py), encoded off the reactor when large (logpage.py)."""
         if not valid_job_id(request.job_id) or self._manager.find(request.job_id) is None:
             return pb.FetchLogsResponse()  # the contract: an unknown job has no logs
         try:
@@ -80,7 +82,7 @@ class WorkerService:
             raise ConnectError(Code.DEADLINE_EXCEEDED, str(e)) from None
         except InvalidLogQuery as e:
             raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
-        return wire.log_entries(lines)
+        return log_page(lines)
 
     async def KillJob(self, request: pb.KillJobRequest) -> pb.Empty:
         try:
