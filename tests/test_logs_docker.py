@@ -16,7 +16,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from fluster_worker.logs import JobLog, LogFollower, LogQuery, LogStore
+from fluster_worker.logs import JobLog, LogFollower, LogQuery, LogStore, Page
 
 pytestmark = pytest.mark.docker
 reactor: Any = _reactor
@@ -199,7 +199,8 @@ async def test_killed_tail_loses_and_repeats_nothing(
 
 @pytest_twisted.ensureDeferred
 async def test_a_million_lines(tmp_path: Path, blocking_pool: Any, containers: Containers, docker_path: str) -> None:
-    store = LogStore(tmp_path, blocking_pool, reactor)
+    # One answer past the default page (100,000 entries) holds them all.
+    store = LogStore(tmp_path, blocking_pool, reactor, page=Page(lines=2_000_000, bytes=2**30))
     job_log = store.open("job")
     cid = await containers.run(["seq", "1", "1000000"])
     await follower(job_log, cid, containers, docker_path).follow()
