@@ -127,7 +127,7 @@ class Worker(MultiService):
         self._http_pool: HTTPConnectionPool | None = None
         if http_client is None:
             http_client, self._http_pool = bundle_http_client(
-                reactor, self.file_pool, config.allow_private_bundle_hosts, max_per_host=4, idle_timeout_s=30
+                reactor, config.allow_private_bundle_hosts, max_per_host=4, idle_timeout_s=30
             )
         self.bundles = BundleCache(
             reactor, self.file_pool, config.cache_dir, http_client, max_cache_bytes=config.bundle_cache_bytes,

@@ -463,9 +463,9 @@ async def test_http_errors_and_download_cap(make_cache: Any, tmp_path: Path) -> 
 
 
 @pytest.fixture
-def real_http(pool: RecordingPool) -> Iterator[HTTPClient]:
+def real_http() -> Iterator[HTTPClient]:
     """The worker's own client (bundles/hosts.py), told that loopback may serve bundles."""
-    client, connections = bundle_http_client(reactor, pool, ["127.0.0.0/8"])
+    client, connections = bundle_http_client(reactor, ["127.0.0.0/8"])
     yield client
     connections.closeCachedConnections()
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,11 @@ async def serve() -> AsyncIterator[Callable[..., str]]:
 
 @pytest_twisted.async_yield_fixture
 async def make_cache(pool: RecordingPool, tmp_path: Path) -> AsyncIterator[Callable[..., BundleCache]]:
-    """make_cache(private=(), resolve=None, **cache options): the worker's client and cache."""
+    """make_cache(private=(), resolve=None, tls=None, **cache options): the worker's client and cache."""
     made: list[tuple[BundleCache, Any]] = []
 
-    def make(private: tuple[str, ...] = (), resolve: Any = None, **kw: Any) -> BundleCache:
-        client, connections = bundle_http_client(reactor, pool, private, resolve=resolve)
+    def make(private: tuple[str, ...] = (), resolve: Any = None, tls: Any = None, **kw: Any) -> BundleCache:
+        client, connections = bundle_http_client(reactor, private, resolve=resolve, tls=tls)
         cache = BundleCache(reactor, pool, tmp_path / f"cache{len(made)}", client, **kw)
         made.append((cache, connections))
         return cache
@@ -129,10 +129,10 @@ async def error_of(d: Deferred[BundleLease]) -> str:
     return message
 
 
-def names(mapping: dict[str, list[str]]) -> Callable[[str, int], Deferred[list[str]]]:
+def names(mapping: dict[str, list[str]]) -> Callable[[str], Deferred[Sequence[str]]]:
     """A resolver from a table; any other name is resolved by nobody (an error)."""
 
-    def resolve(host: str, port: int) -> Deferred[list[str]]:
+    def resolve(host: str) -> Deferred[Sequence[str]]:
         return succeed(mapping[host])
 
     return resolve
@@ -182,7 +182,7 @@ async def test_the_checked_address_is_the_one_connected_to(make_cache: Any, serv
     port = serve(server, "127.0.0.3").rsplit(":", 1)[1]
     asked: list[str] = []
 
-    def resolve(host: str, port: int) -> Deferred[list[str]]:
+    def resolve(host: str) -> Deferred[Sequence[str]]:
         asked.append(host)
         return succeed(["127.0.0.3"])
 
@@ -408,3 +408,67 @@ def test_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         with pytest.raises(usage.UsageError, match=bad[0]):
             parsed(*bad)
     assert os.path.isabs(str(config.bundle_roots[0]))
+
+
+# https: TLS over the checked connection, verified against the URL's host name.
+
+
+def certificate_for(name: str) -> tuple[Any, Any]:
+    """(a CA's certificate, TLS server options with a certificate for ``name`` it signed)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    leaf = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    options = ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key), certificate=crypto.X509.from_cryptography(leaf)
+    )
+    return ssl.Certificate(crypto.X509.from_cryptography(ca)), options
+
+
+@pytest_twisted.ensureDeferred
+async def test_https_checks_the_address_and_verifies_the_name(make_cache: Any) -> None:
+    from twisted.web.client import BrowserLikePolicyForHTTPS
+
+    ca, options = certificate_for("bundles.test")
+    server = Server()
+    port = reactor.listenSSL(0, Site(server), options, interface="127.0.0.1")
+    try:
+        number = port.getHost().port
+        table = {"bundles.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}
+        tls = BrowserLikePolicyForHTTPS(trustRoot=ca)
+        # Refused by the address check before any TLS, like http.
+        refused = make_cache(resolve=names(table), tls=tls)
+        assert "is not allowed" in await error_of(refused.acquire(f"https://bundles.test:{number}/b.zip"))
+        assert server.seen == []
+        cache = make_cache(("127.0.0.0/8",), resolve=names(table), tls=tls)
+        lease = await cache.acquire(f"https://bundles.test:{number}/b.zip")
+        assert (lease.bundle.path / "main.py").exists()
+        # Connected to the same checked address, but the certificate names bundles.test:
+        # the name of the URL is what TLS verifies.
+        message = await error_of(cache.acquire(f"https://other.test:{number}/b.zip"))
+        assert message == f"cannot download bundle https://other.test:{number}/b.zip: {FAILED}"
+        assert server.seen == [b"/b.zip"]
+    finally:
+        await port.stopListening()

@@ -7,7 +7,7 @@ addresses are reached; ``--allow-private-bundle-hosts`` names the private networ
 (or ``yes``: all of them) that may serve bundles too.
 
 The check lives in the connection path, not in the URL: `GuardedEndpointFactory`
-resolves the name itself (on the BlockingPool), refuses it when any of its
+resolves the name itself (the reactor's resolver, `common/resolve.py`), refuses it when any of its
 addresses is not allowed, and connects to the very address it checked. So no
 second lookup can answer differently (DNS rebinding), and every redirect, which
 makes a new connection through the same factory, is checked the same way. TLS is
@@ -20,8 +20,7 @@ Teredo, the NAT64 well-known prefix) is judged by the IPv4 address as well.
 from __future__ import annotations
 
 import ipaddress
-import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from fluster_worker.common.http import QuietConnectionPool
-from fluster_worker.common.threads import BlockingPool
+from fluster_worker.common.resolve import Resolve, reactor_resolver
 
 __all__ = [
     "AddressPolicy",
@@ -46,8 +45,6 @@ __all__ = [
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-#: (host, port) -> the IP addresses to try, in order.
-Resolver = Callable[[str, int], "Deferred[list[str]]"]
 
 EVERYWHERE = ("0.0.0.0/0", "::/0")
 CONNECT_TIMEOUT = 30  # seconds for one TCP connect
@@ -146,30 +143,12 @@ def _is_public(address: Address) -> bool:
     )
 
 
-def _getaddrinfo(host: str, port: int) -> list[str]:
-    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    addresses: list[str] = []
-    for family, _type, _proto, _name, sockaddr in found:
-        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in addresses:
-            addresses.append(str(sockaddr[0]))
-    return addresses
-
-
-def pool_resolver(pool: BlockingPool) -> Resolver:
-    """The system resolver (getaddrinfo), on the BlockingPool."""
-
-    def resolve(host: str, port: int) -> Deferred[list[str]]:
-        return pool.run(_getaddrinfo, host, port)
-
-    return resolve
-
-
 @implementer(IStreamClientEndpoint)
 class GuardedEndpoint:
     """Resolve, check every address, connect to a checked one (TLS over it for https)."""
 
     def __init__(
-        self, reactor: Any, host: str, port: int, policy: AddressPolicy, resolve: Resolver,
+        self, reactor: Any, host: str, port: int, policy: AddressPolicy, resolve: Resolve,
         tls: IPolicyForHTTPS | None,
     ) -> None:
         self._reactor = reactor
@@ -183,7 +162,7 @@ class GuardedEndpoint:
         return Deferred.fromCoroutine(self._connect(factory))
 
     async def _connect(self, factory: IProtocolFactory) -> Any:
-        addresses = await self._resolve(self._host, self._port)
+        addresses = list(await self._resolve(self._host))
         if not addresses:
             raise ConnectionError(f"{self._host} has no address")
         if not all(self._policy.allows(a) for a in addresses):
@@ -215,7 +194,7 @@ class GuardedEndpointFactory:
     """An Agent's endpoints for http and https URLs, each a `GuardedEndpoint`."""
 
     def __init__(
-        self, reactor: Any, policy: AddressPolicy, resolve: Resolver,
+        self, reactor: Any, policy: AddressPolicy, resolve: Resolve,
         tls: IPolicyForHTTPS | None = None,
     ) -> None:
         self._reactor = reactor
@@ -235,8 +214,8 @@ class GuardedEndpointFactory:
 
 
 def bundle_http_client(
-    reactor: Any, pool: BlockingPool, private: Sequence[str], *,
-    resolve: Resolver | None = None, tls: IPolicyForHTTPS | None = None,
+    reactor: Any, private: Sequence[str], *,
+    resolve: Resolve | None = None, tls: IPolicyForHTTPS | None = None,
     max_per_host: int = 4, idle_timeout_s: int = 30,
 ) -> tuple[HTTPClient, HTTPConnectionPool]:
     """A treq client whose every connection is checked against ``private`` (CIDR
@@ -246,7 +225,7 @@ def bundle_http_client(
     connections.cachedConnectionTimeout = idle_timeout_s
     connections.retryAutomatically = False
     factory = GuardedEndpointFactory(
-        reactor, AddressPolicy.of(private), resolve or pool_resolver(pool), tls
+        reactor, AddressPolicy.of(private), resolve or reactor_resolver(reactor), tls
     )
     agent = Agent.usingEndpointFactory(reactor, factory, pool=connections)
     return HTTPClient(agent), connections

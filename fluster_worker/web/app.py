@@ -28,6 +28,7 @@ from klein import Klein
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from fluster_worker.common.resolve import reactor_resolver
 from fluster_worker.web.api import JobsApi
 from fluster_worker.web.compat_api import CompatApi
 from fluster_worker.web.dashboard import Dashboard
@@ -36,7 +37,6 @@ from fluster_worker.web.guard.callers import (
     ControllerAddresses,
     Rule,
     controller_host,
-    reactor_resolver,
 )
 from fluster_worker.web.guard.gate import AccessGate, AccessPolicy
 from fluster_worker.web.guard.hosts import HostAllowlist

@@ -9,7 +9,7 @@ resolves to); ``*`` allows everyone.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -17,12 +17,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from fluster_worker.common.resolve import Resolve
 from fluster_worker.common.waiters import Waiters
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Resolve = Callable[[str], Deferred[Sequence[str]]]
-"""A host name to its addresses, without blocking the reactor."""
 
 LOOPBACK: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 WORDS = ("loopback", "controller")
@@ -163,34 +162,3 @@ class ControllerAddresses:
 
         d.addCallbacks(found, failed).addBoth(done)
         return mine
-
-
-def reactor_resolver(reactor: object) -> Resolve:
-    """Name lookups through the reactor's own resolver (it never blocks the reactor)."""
-    from twisted.internet.interfaces import IHostResolution, IReactorPluggableNameResolver, IResolutionReceiver
-    from zope.interface import implementer
-
-    resolver = IReactorPluggableNameResolver(reactor).nameResolver
-
-    def resolve(host: str) -> Deferred[Sequence[str]]:
-        d: Deferred[Sequence[str]] = Deferred()
-        found: list[str] = []
-
-        @implementer(IResolutionReceiver)
-        class Receiver:
-            def resolutionBegan(self, resolution: IHostResolution) -> None:
-                pass
-
-            def addressResolved(self, address: object) -> None:
-                host = getattr(address, "host", None)
-                if isinstance(host, str):
-                    found.append(host)
-
-            def resolutionComplete(self) -> None:
-                if not d.called:
-                    d.callback(found)
-
-        resolver.resolveHostName(Receiver(), host, portNumber=0)
-        return d
-
-    return resolve
