@@ -193,8 +193,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         ratios: list[float] = []
         for round_ in range(args.rounds):
             started = time.monotonic()
+            per_client = args.jobs // args.concurrency
             await defer.DeferredList(
-                [defer.Deferred.fromCoroutine(bench.batch(args.jobs // args.concurrency)) for _ in range(args.concurrency)]
+                [defer.Deferred.fromCoroutine(bench.batch(per_client)) for _ in range(args.concurrency)]
             )
             worker_batch = time.monotonic() - started
             docker_batch = await defer.Deferred.fromCoroutine(
@@ -202,8 +203,9 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             )
             ratios.append(worker_batch / docker_batch)
             print(
-                f"P2 round {round_ + 1}, {args.jobs} jobs at concurrency {args.concurrency}: worker {worker_batch:.2f} s, "
-                f"xargs -P{args.concurrency} docker run --rm {docker_batch:.2f} s, ratio {ratios[-1]:.2f}"
+                f"P2 round {round_ + 1}, {args.jobs} jobs at concurrency {args.concurrency}: "
+                f"worker {worker_batch:.2f} s, xargs -P{args.concurrency} docker run --rm {docker_batch:.2f} s, "
+                f"ratio {ratios[-1]:.2f}"
             )
         p2 = statistics.median(ratios)
         print(f"P2 ratio: min {min(ratios):.2f}, median {p2:.2f}  (goal <= {GOAL}: {_verdict(p2)})")

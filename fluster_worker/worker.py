@@ -159,13 +159,14 @@ class Worker(MultiService):
             builder=self.builder,
             runtime=self.runtime,
             open_log=self.logs.open,
-            make_follower=lambda job_log, cid: LogFollower(
+            make_follower=lambda job_log, cid, resume: LogFollower(
                 reactor,
                 reactor.spawnProcess,
                 docker_path,
                 job_log,
                 cid,
                 lambda: self.runtime.is_running(cid),
+                resume=resume,
                 last_entries=lambda n: self.runtime.last_log_entries(cid, n),
                 engine_ready=self.runtime.health.ready,
                 command_prefix=tail_prefix,

@@ -259,10 +259,15 @@ class _CountingAPI:
     def __init__(self, api: Any) -> None:
         self._api = api
         self.build_calls = 0
+        self.inspected: list[str] = []
 
     def build(self, *args: Any, **kwargs: Any) -> Any:
         self.build_calls += 1
         return self._api.build(*args, **kwargs)
+
+    def inspect_image(self, image: str) -> Any:
+        self.inspected.append(image)
+        return self._api.inspect_image(image)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._api, name)
@@ -338,6 +343,25 @@ async def test_build_streams_then_hits_the_cache(
     assert second.tag == first.tag and second.from_cache
     assert lines2 == [f"using cached image {first.tag}"]
     print(f"\nbuild times: cold {cold:.2f} s, cached {cached * 1000:.0f} ms")
+
+
+@pytest.mark.docker
+@pytest_twisted.ensureDeferred
+async def test_an_image_found_once_is_not_asked_for_again_until_forgotten(
+    make_builder: Callable[..., ImageBuilder], tiny_project: Path, docker_client: Any
+) -> None:
+    client = CountingClient(docker_client)
+    builder = make_builder(client)
+    first = await builder.build(tiny_project, [], [], lambda line: None)
+    assert client.api.inspected.count(first.tag) >= 1  # found (or built and checked)
+    client.api.inspected.clear()
+    second = await builder.build(tiny_project, [], [], lambda line: None)
+    assert second.tag == first.tag and second.from_cache
+    assert first.tag not in client.api.inspected  # known present: no engine call for it
+    builder.forget(first.tag)  # e.g. a container create found it missing
+    third = await builder.build(tiny_project, [], [], lambda line: None)
+    assert third.from_cache and client.api.inspected.count(first.tag) == 1
+    assert client.api.build_calls <= 1
 
 
 @pytest.mark.docker
@@ -567,8 +591,10 @@ async def test_gc_removes_oldest_unused_and_keeps_leased(
     for tag in (g1, g2, g3):  # used at t=1, 2, 3
         clock.advance(1)
         builder.lease(tag)()
+    builder._present.update((g0, g1, g2, g3))  # as if found by builds
     removed = await builder.gc()
     assert removed == [g1, g2]
+    assert builder._present == {g0, g3}  # a removed image is asked for again
     assert [image_exists(docker_client, t) for t in (g0, g1, g2, g3)] == [True, False, False, True]
     assert await builder.gc() == []
 

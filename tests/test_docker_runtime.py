@@ -319,8 +319,14 @@ class _FakeEngineApi:
         self.streams: list[_FakeStream] = []
         self.inspect_errors = 0  # fail this many inspects with a 500
         self.inspects = 0
+        self.removed: list[str] = []
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
+
+    def remove_container(self, container_id: str, force: bool) -> None:
+        with self.lock:
+            self.removed.append(container_id)
+            self.states.pop(container_id, None)
 
     def events(self, decode: bool, filters: dict[str, Any]) -> _FakeStream:
         assert decode is True
@@ -452,6 +458,62 @@ async def test_failed_inspect_is_retried(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_container_watched_from_before_its_start_costs_one_inspect_and_no_more(
+    fake_runtime: tuple[ContainerRuntime, _FakeEngineApi],
+) -> None:
+    """Registered before the start, the waiter needs no inspect (the container
+    cannot have exited); after its die, whether it runs is known without asking,
+    and a container known to have started is removed without an inspect."""
+    rt, api = fake_runtime
+    cid = "f" * 64
+    api.states[cid] = {"Status": "created", "Running": False}
+    await poll("the stream", lambda: succeed(api.subscribed.is_set()))
+    await pause()
+    waiting = rt.wait(cid, before_start=True)
+    with api.lock:
+        api.states[cid] = RUNNING
+    await pause()
+    assert api.inspects == 0 and not waiting.called
+    with api.lock:
+        api.states[cid] = _exited(3)
+    api.streams[-1].push(_die(cid, 3))
+    assert (await within(waiting)).exit_code == 3
+    assert api.inspects == 1  # the exit's own (code, OOM flag, time)
+    assert await rt.is_running(cid) is False
+    await rt.remove(cid, started=True)
+    assert api.inspects == 1
+    assert api.removed == [cid]
+
+
+@pytest_twisted.ensureDeferred
+async def test_is_running_asks_the_engine_until_an_exit_is_reported(
+    fake_runtime: tuple[ContainerRuntime, _FakeEngineApi],
+) -> None:
+    """is_running asks the engine while no exit was reported, and after a
+    removal (the container's exit is forgotten with it)."""
+    rt, api = fake_runtime
+    cid = "9" * 64
+    api.states[cid] = RUNNING
+    assert await rt.is_running(cid) is True
+    assert api.inspects == 1
+    await rt.remove(cid, started=True)
+    assert await rt.is_running(cid) is False  # gone: asked again
+    assert api.inspects == 2
+
+
+def test_demultiplexing_the_engine_log_stream() -> None:
+    from fluster_worker.containers.runtime import _demultiplex
+
+    def frame(fd: int, data: bytes) -> bytes:
+        return bytes([fd, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
+
+    raw = frame(1, b"2024-01-01T00:00:00Z out\n") + frame(2, b"err\n") + frame(1, b"more\n") + b"\x01\x00"
+    assert _demultiplex(raw, 1) == b"2024-01-01T00:00:00Z out\nmore\n"
+    assert _demultiplex(raw, 2) == b"err\n"
+    assert _demultiplex(b"", 1) == b""
+
+
+@pytest_twisted.ensureDeferred
 async def test_stop_closes_the_stream_and_fails_waiters(blocking_pool: BlockingPool) -> None:
     engine = _FakeEngine()
     rt = ContainerRuntime(reactor, blocking_pool, lambda: engine, "w-fake")  # type: ignore[arg-type]
@@ -514,6 +576,29 @@ async def test_wait_reports_exit_code(runtime: ContainerRuntime, base_image: str
     assert status.exit_code == 7
     assert status.oom_killed is False
     assert before_ms - 2000 <= status.finished_at_ms <= int(now() * 1000) + 2000
+
+
+@pytest.mark.docker
+@pytest_twisted.ensureDeferred
+async def test_last_log_entries_per_stream_and_a_started_container_removed(
+    runtime: ContainerRuntime, base_image: str, docker_client: Any, blocking_pool: BlockingPool
+) -> None:
+    script = "for i in $(seq 1 20); do echo out$i; done; echo err1 >&2; echo err2 >&2"
+    cid, status = await run_to_exit(runtime, spec_for(runtime, base_image, ["sh", "-c", script]))
+    assert status.exit_code == 0
+    assert await runtime.is_running(cid) is False
+    entries = await runtime.last_log_entries(cid, 16)
+    stdout = [line.split(b" ", 1) for line in entries[1].splitlines()]
+    stderr = [line.split(b" ", 1) for line in entries[2].splitlines()]
+    # The last 16 entries of the container's log, both streams together (as
+    # `docker logs --tail 16` counts them), split per stream.
+    assert [text for _, text in stdout] == [f"out{i}".encode() for i in range(7, 21)]
+    assert [text for _, text in stderr] == [b"err1", b"err2"]
+    assert all(stamp.endswith(b"Z") and b"T" in stamp for stamp, _ in stdout + stderr)
+    await runtime.remove(cid, started=True)
+    with pytest.raises(docker.errors.NotFound):
+        await blocking_pool.run(docker_client.api.inspect_container, cid)
+    await runtime.remove(cid, started=True)  # gone already: fine
 
 
 @pytest.mark.docker

@@ -3,6 +3,7 @@ a cloudpickled Entrypoint and a zip bundle with a pyproject.toml."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import docker.errors
 import pytest
 import pytest_twisted
 import treq
@@ -142,6 +144,29 @@ async def test_success_returns_value_and_shares_the_image(harness: Harness, tmp_
     assert not (await harness.client.status(second.job_id)).serialized_result
     # The container is gone once the job is finished.
     assert containers_of(docker_client, harness.worker.worker_id, second.job_id) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_removed_behind_the_workers_back_is_built_again(
+    harness: Harness, tmp_path: Path, docker_client: Any
+) -> None:
+    """The builder remembers the images it found (no engine call per job); one
+    removed by hand between two jobs is built again, not a failed job."""
+    bundle = make_bundle(tmp_path / "b", nonce=uuid.uuid4().hex)  # an image of this test's own
+    first = await harness.run(job(bundle, entrypoint(add_and_read, 1, 2)))
+    assert first.state == pb.JOB_STATE_SUCCEEDED, first.error
+    tag = first.build_metrics.image_tag
+    docker_client.images.remove(tag, force=True)
+    try:
+        second = await harness.run(job(bundle, entrypoint(add_and_read, 2, 2)))
+        assert second.state == pb.JOB_STATE_SUCCEEDED, second.error
+        assert second.build_metrics.image_tag == tag
+        assert result_of(await harness.client.status(second.job_id, include_result=True))["sum"] == 4
+        logs = await harness.client.fetch_logs(second.job_id, regex="building image")
+        assert any(e.source == "build" for e in logs), logs
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag, force=True)
 
 
 @pytest_twisted.ensureDeferred

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
 
-__all__ = ["ContainerError", "Engine", "engine_unreachable", "explain"]
+__all__ = ["ContainerError", "Engine", "engine_unreachable", "explain", "image_missing"]
 
 T = TypeVar("T")
 
@@ -50,6 +50,12 @@ def engine_unreachable(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+def image_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` (a ContainerError from a create) says its image does not exist."""
+    cause = exc.__cause__ if isinstance(exc, ContainerError) else exc
+    return isinstance(cause, docker.errors.ImageNotFound)
 
 
 class Engine:

@@ -96,15 +96,21 @@ class ExitWatcher:
         # container -> (when, how many streams were lost by then)
         self._foreign_kills: dict[str, tuple[float, int]] = {}
         self._settling: set[IDelayedCall] = set()
+        # Containers whose exit the engine reported (a die event or an exited
+        # inspect), until they are removed: they are known not to run.
+        self._died: set[str] = set()
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
 
     # -- waiters ----------------------------------------------------------------
 
-    def add_waiter(self, container_id: str) -> Deferred[ExitStatus]:
+    def add_waiter(self, container_id: str, *, check: bool = True) -> Deferred[ExitStatus]:
         """A new Deferred firing with the ExitStatus of the container (full id) once it
-        has exited; cancelling it only drops this waiter."""
+        has exited; cancelling it only drops this waiter. ``check=False``: the
+        container has not been started yet, so it cannot have exited: no inspect
+        now (its die event, or the inspect after a reconnect of the stream,
+        finds the exit)."""
 
         def drop(d: Deferred[ExitStatus]) -> None:
             waiters = self._waiters.get(container_id, [])
@@ -117,8 +123,17 @@ class ExitWatcher:
             return fail(ContainerError("container wait failed: the container runtime is not running"))
         d: Deferred[ExitStatus] = Deferred(canceller=drop)
         self._waiters.setdefault(container_id, []).append(d)
-        self._check_exit(container_id, None)
+        if check:
+            self._check_exit(container_id, None)
         return d
+
+    def died(self, container_id: str) -> bool:
+        """Whether the engine reported the container's exit (full id)."""
+        return container_id in self._died
+
+    def forget(self, container_id: str) -> None:
+        """The container is being removed: forget its exit."""
+        self._died.discard(container_id)
 
     def expect_kill(self, container_id: str, signal_name: str) -> None:
         """We are about to signal the container: its kill event is ours."""
@@ -215,6 +230,7 @@ class ExitWatcher:
         self._release(container_id, replace(status, engine_stopped=engine) if engine else status)
 
     def _release(self, container_id: str, status: ExitStatus) -> None:
+        self._died.add(container_id)
         self._foreign_kills.pop(container_id, None)
         self._expected_kills.pop(container_id, None)
         self._on_release(container_id)
@@ -292,7 +308,10 @@ class ExitWatcher:
         if action == "kill" and isinstance(container_id, str):
             self._kill_seen(container_id, str(attributes.get("signal", "")))
             return
-        if action != "die" or container_id not in self._waiters:
+        if action != "die" or not isinstance(container_id, str):
+            return
+        self._died.add(container_id)
+        if container_id not in self._waiters:
             return
         try:
             hint: int | None = int(attributes.get("exitCode", ""))

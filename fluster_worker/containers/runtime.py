@@ -24,7 +24,7 @@ import docker
 import docker.errors
 import docker.types
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -216,11 +216,16 @@ class ContainerRuntime(Service):
             lambda _: None
         )
 
-    def remove(self, container_id: str) -> Deferred[None]:
+    def remove(self, container_id: str, *, started: bool = False) -> Deferred[None]:
         """Force-remove (kills it if running). Already removed, or being removed, is
         fine. Waiters on a container removed before it ever started fail with
-        ContainerError (it has no exit to report)."""
+        ContainerError (it has no exit to report). ``started``: the caller knows
+        the container (by its full id) was started, so it has no such waiters and
+        needs no inspect first: one engine call instead of two."""
         self._samples.pop(container_id, None)
+        self._exits.forget(container_id)
+        if started and _FULL_ID.fullmatch(container_id):
+            return self._call("container remove", _remove_started, container_id)
 
         def remove(api: Any) -> tuple[str, str] | None:
             try:
@@ -240,6 +245,7 @@ class ContainerRuntime(Service):
                 return
             full_id, status = found
             self._samples.pop(full_id, None)
+            self._exits.forget(full_id)
             if status == "created":
                 self._exits.fail_waiters(
                     full_id,
@@ -287,7 +293,11 @@ class ContainerRuntime(Service):
 
     def is_running(self, container_id: str) -> Deferred[bool]:
         """Whether the container is running now; False when gone. ContainerError
-        when the engine does not answer (unknown: it may well run on)."""
+        when the engine does not answer (unknown: it may well run on). A
+        container whose exit the events stream reported is known not to run:
+        no engine call then."""
+        if self._exits.died(container_id):
+            return succeed(False)
 
         def check(api: Any) -> bool:
             try:
@@ -298,17 +308,13 @@ class ContainerRuntime(Service):
         return self._call("container inspect", check)
 
     def last_log_entries(self, container_id: str, count: int) -> Deferred[dict[int, bytes]]:
-        """The container's last ``count`` timestamped log entries per stream (1 stdout,
-        2 stderr), through the API: the log follower's end-of-job check, without a
-        second docker CLI per job."""
+        """The container's last ``count`` timestamped log entries, split per stream
+        (1 stdout, 2 stderr), through the API: the log follower's end-of-job
+        check, without a second docker CLI per job. (The engine's ``tail`` counts
+        the entries of both streams together, as ``docker logs --tail`` does,
+        whichever streams are asked for.)"""
 
-        def read(api: Any) -> dict[int, bytes]:
-            return {
-                fd: bytes(api.logs(container_id, stdout=fd == 1, stderr=fd == 2, timestamps=True, tail=count))
-                for fd in (1, 2)
-            }
-
-        return self._call("container logs", read)
+        return self._call("container logs", _last_entries, container_id, count)
 
     # -- usage ----------------------------------------------------------------
 
@@ -334,15 +340,17 @@ class ContainerRuntime(Service):
 
     # -- exits ------------------------------------------------------------------
 
-    def wait(self, container_id: str) -> Deferred[ExitStatus]:
+    def wait(self, container_id: str, *, before_start: bool = False) -> Deferred[ExitStatus]:
         """Fires with the ExitStatus once the container has exited (at once if it
         already has). A new Deferred per call; cancelling it only drops this waiter.
         ContainerError when the container does not exist (or vanished without a
-        trace) or the runtime is not running."""
+        trace) or the runtime is not running. ``before_start``: the caller
+        created the container (full id) and has not started it yet, so it has
+        not exited: its exit comes from the events stream, without an inspect now."""
         if self._state != "running":
             return fail(ContainerError("container wait failed: the container runtime is not running"))
         if _FULL_ID.fullmatch(container_id):
-            return self._exits.add_waiter(container_id)
+            return self._exits.add_waiter(container_id, check=not before_start)
 
         async def resolve_then_wait() -> ExitStatus:
             info = await self._call(
@@ -522,6 +530,46 @@ def _log_config(max_bytes: int | None) -> docker.types.LogConfig | None:
     if max_bytes is None:
         return None
     return docker.types.LogConfig(type="json-file", config={"max-size": str(max_bytes), "max-file": "2"})
+
+
+def _remove_started(api: Any, container_id: str) -> None:
+    """Force-remove a container known to have started (pool thread)."""
+    try:
+        api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
+        return
+    except docker.errors.APIError as e:
+        # 409 Conflict: "removal of container ... is already in progress".
+        if e.status_code != 409 or "already in progress" not in str(e.explanation):
+            raise
+
+
+def _last_entries(api: Any, container_id: str, count: int) -> dict[int, bytes]:
+    """The last ``count`` timestamped entries (pool thread), per stream, as
+    ``docker logs --tail`` prints them. One request for both streams: docker-py's
+    ``logs`` would take one per stream, each after an inspect to learn whether
+    the container has a TTY; ours never do (``tty=False`` at create), so the
+    answer is always multiplexed."""
+    params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 0, "tail": count}
+    response = api._get(api._url("/containers/{0}/logs", container_id), params=params)
+    api._raise_for_status(response)
+    data = response.content
+    return {fd: _demultiplex(data, fd) for fd in (1, 2)}
+
+
+def _demultiplex(data: bytes, fd: int) -> bytes:
+    """The payload of stream ``fd`` in Docker's multiplexed log format: frames
+    of an 8-byte header (stream, 0, 0, 0, big-endian length) and the data."""
+    out = bytearray()
+    offset = 0
+    while offset + 8 <= len(data):
+        stream = data[offset]
+        size = int.from_bytes(data[offset + 4 : offset + 8], "big")
+        payload = data[offset + 8 : offset + 8 + size]
+        if stream == fd:
+            out += payload
+        offset += 8 + size
+    return bytes(out)
 
 
 def _kill(api: Any, container_id: str, sig: str) -> bool:

@@ -15,6 +15,12 @@ States of one tag, all on the reactor thread:
 - being removed by gc (`ImageGC.removal`): a build of that tag first waits for
   the removal, then rebuilds.
 
+A tag found or built is remembered as present (`_present`), so the next job of
+the same image asks the engine nothing: no inspect per job. It is forgotten
+when the gc starts removing it, or when a caller finds it gone (`forget`: a
+container create that says the image is missing, e.g. after a manual
+`docker rmi`); the next build of it then asks the engine again.
+
 Cancelling the Deferred of `build()` (a job killed while building) detaches that
 caller only: it gets CancelledError and no more log lines. When no caller is left,
 the build is aborted: the entry goes (a later caller starts afresh), the build
@@ -144,6 +150,8 @@ class ImageBuilder:
         self._repository = validate_repository(repository)
         self._uv_version: str | None = None
         self._inflight: dict[str, InFlight] = {}
+        # Tags known to exist on the engine (see the module doc). Reactor thread only.
+        self._present: set[str] = set()
         # Per-job inputs that rarely change, kept briefly (filled on pool threads).
         self._memo_lock = threading.Lock()
         self._base_id_memo: tuple[float, str] | None = None
@@ -163,6 +171,7 @@ class ImageBuilder:
             max_images=max_images,
             max_image_bytes=max_image_bytes,
             dangling_max_age=dangling_max_age,
+            removing=self._present.discard,
         )
 
     # --- build ---------------------------------------------------------------
@@ -215,7 +224,7 @@ class ImageBuilder:
         result: bool | BaseException
         try:
             await self._images.removal(tag)
-            if await self._pool.run(self._image_exists, tag):
+            if tag in self._present or await self._pool.run(self._image_exists, tag):
                 build.emit([f"using cached image {tag}"])
                 result = True
             elif build.aborted.is_set():
@@ -231,6 +240,7 @@ class ImageBuilder:
                 )
                 result = False
             self._images.touch(tag)
+            self._present.add(tag)
         except BuildError as e:
             self.log.info("image build of {tag} failed: {error}", tag=tag, error=str(e))
             result = e
@@ -382,6 +392,11 @@ class ImageBuilder:
             raise BuildError(f"image build failed: {inputs.tag} missing after the build")
 
     # --- leases and gc (fluster_worker.images.gc) ------------------------------
+
+    def forget(self, tag: str) -> None:
+        """``tag`` turned out to be gone from the engine: the next build of it
+        asks the engine again (and builds it if need be)."""
+        self._present.discard(tag)
 
     def lease(self, tag: str) -> Callable[[], None]:
         """Mark tag in use (gc keeps it); call the returned function, once or

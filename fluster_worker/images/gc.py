@@ -48,8 +48,11 @@ class ImageGC:
         max_images: int,
         max_image_bytes: int,
         dangling_max_age: float,
+        removing: Callable[[str], None] = lambda tag: None,
     ) -> None:
+        """``removing(tag)`` is called when a removal of ``tag`` starts."""
         self._clock = clock
+        self._on_removing = removing
         self._pool = pool
         self._docker = docker_client
         self._base_image = base_image
@@ -150,6 +153,7 @@ class ImageGC:
     async def _remove(self, image: JobImage) -> bool:
         for tag in image.tags:
             self._removing.setdefault(tag, Waiters())
+            self._on_removing(tag)
         removed = False
         try:
             removed = await self._pool.run(self._remove_tags, image)

@@ -35,9 +35,9 @@ from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.text import one_line
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.devices import DevicesUnavailable
-from fluster_worker.containers.engine import engine_unreachable
+from fluster_worker.containers.engine import engine_unreachable, image_missing
 from fluster_worker.containers.runtime import ContainerError, ContainerInfo, ContainerSpec, container_name
-from fluster_worker.images.builder import BuildError
+from fluster_worker.images.builder import BuildError, BuildResult
 from fluster_worker.images.dockerfile import CONTAINER_APP_DIR, runner_command
 from fluster_worker.jobs.admission import Ticket
 from fluster_worker.jobs.model import JobRecord, JobState, StopRequest
@@ -204,14 +204,7 @@ class JobExecution:
             rec.build.bundle_digest = self._lease.bundle.digest
         self._phase("building image")
         lease = self._lease
-        build = await self._unless_stopped(
-            kit.builder.build(
-                lease.bundle.path if lease else kit.store.app_dir(rec.job_id),
-                rec.spec.extras,
-                rec.spec.pip_packages,
-                self._build_line,
-            )
-        )
+        build = await self._build_image()
         rec.build.started_ms = build.started_ms
         rec.build.finished_ms = build.finished_ms
         rec.build.from_cache = build.from_cache
@@ -222,12 +215,26 @@ class JobExecution:
         self._app = str(lease.bundle.path if lease else kit.store.app_dir(rec.job_id))
         # Creating is not abandoned midway: a container created after a kill
         # would leak. The kill is checked again right after.
-        self._container_id = await kit.runtime.create(self._container_spec(build.tag))
+        try:
+            self._container_id = await kit.runtime.create(self._container_spec(build.tag))
+        except ContainerError as e:
+            if not image_missing(e):
+                raise
+            # The builder knew the image, but it is gone (a manual `docker rmi`):
+            # build it again, once (same inputs, same tag).
+            kit.builder.forget(build.tag)
+            await self._build_image()
+            self._container_id = await kit.runtime.create(self._container_spec(build.tag))
         rec.container_id = self._container_id
         self._check_stop()
         assert self.job_log is not None
         supervisor = Supervisor(rec, self._container_id, kit, self.job_log)
-        await kit.runtime.start(self._container_id)
+        supervisor.expect_start()
+        try:
+            await kit.runtime.start(self._container_id)
+        except BaseException:
+            supervisor.abandon()
+            raise
         self._supervisor = supervisor
         if self._detaching:
             supervisor.detach()
@@ -300,6 +307,17 @@ class JobExecution:
         self._conclude(rec, outcome.state, error, outcome.exit_code, at)
         kit.changed(rec)
         self._done.fire(rec)
+
+    async def _build_image(self) -> BuildResult:
+        kit, rec, lease = self._kit, self.record, self._lease
+        return await self._unless_stopped(
+            kit.builder.build(
+                lease.bundle.path if lease else kit.store.app_dir(rec.job_id),
+                rec.spec.extras,
+                rec.spec.pip_packages,
+                self._build_line,
+            )
+        )
 
     async def _check_result(self) -> str:
         """Note whether the job left a result; "" or why it was refused (the
@@ -400,7 +418,8 @@ class JobExecution:
     async def _remove_container(self) -> None:
         """The ended job's container, then its /workdir and /tmp."""
         try:
-            await self._kit.runtime.remove(self._container_id)
+            # A container that started has no exit waiters to fail: no inspect first.
+            await self._kit.runtime.remove(self._container_id, started=self._supervisor is not None)
         except Exception:
             # The engine is away: the manager removes what is left once it is back.
             self.log.failure("removing container {cid} failed", cid=self._container_id)

@@ -67,12 +67,16 @@ class Supervisor:
         # was delivered is unknown (see exit_outcome).
         self._inherited_stop = adopted and record.stop is not None and not record.stop.signalled_ms
         self._exited: Deferred[ExitStatus] | None = None
+        # The exit waiter registered before the start (``expect_start``).
+        self._early: Deferred[ExitStatus] | None = None
         self._status: ExitStatus | None = None
         self._detached = False
         self._timer: IDelayedCall | None = None
         self._drain_timer: IDelayedCall | None = None
         self._sampler: LoopingCall | None = None
-        self._follower = kit.make_follower(job_log, container_id)
+        # A container this process starts has no lines stored yet: its
+        # follower starts at once, without looking for a resume point.
+        self._follower = kit.make_follower(job_log, container_id, adopted)
         # The answer of the SIGTERM call in flight, if one is.
         self._sigterm: Deferred[None] | None = None
         self._stop_retry = False
@@ -83,11 +87,28 @@ class Supervisor:
 
     # -- what the execution calls ------------------------------------------------
 
+    def expect_start(self) -> None:
+        """The container is about to be started: watch for its exit from now on.
+        It cannot have exited yet, so the runtime needs no inspect to know."""
+        self._early = self._kit.runtime.wait(self.container_id, before_start=True)
+
+    def abandon(self) -> None:
+        """The start failed: drop the waiter of ``expect_start``."""
+        early, self._early = self._early, None
+        if early is not None and not early.called:
+            early.addErrback(lambda f: None)
+            early.cancel()
+        elif early is not None:
+            early.addErrback(lambda f: None)
+
     async def run(self) -> Outcome:
         kit, rec = self._kit, self.record
         if self._detached:
             raise Detached()
-        self._exited = kit.runtime.wait(self.container_id)
+        if self._early is not None:
+            self._exited, self._early = self._early, None
+        else:
+            self._exited = kit.runtime.wait(self.container_id)
         follow_done = self._follower.follow()
         if rec.deadline_ms and not self._exited_before:
             delay = max(0.0, (rec.deadline_ms - self._now_ms()) / 1000.0)

@@ -31,7 +31,9 @@ class Toolkit:
     builder: ImageBuilder
     runtime: ContainerRuntime
     open_log: Callable[[str], JobLog]
-    make_follower: Callable[[JobLog, str], LogFollower]
+    # (job log, container id, resume): ``resume`` when lines of the container
+    # may be stored already (a re-adopted container).
+    make_follower: Callable[[JobLog, str, bool], LogFollower]
     slots: DeferredSemaphore
     container_env: Callable[[JobRecord], dict[str, str]]
     changed: Callable[[JobRecord], None]

@@ -68,6 +68,7 @@ class FakeImageBuilder:
         self.fail_next: str | None = None
         self.builds: list[FakeBuild] = []
         self.leases: Counter[str] = Counter()
+        self.forgotten: list[str] = []
         self.gc_calls = 0
 
     def build(
@@ -100,6 +101,10 @@ class FakeImageBuilder:
         elif self.auto_finish:
             build.finish(self.from_cache)
         return build.deferred
+
+    def forget(self, tag: str) -> None:
+        """The image turned out to be gone (see ImageBuilder.forget)."""
+        self.forgotten.append(tag)
 
     def lease(self, tag: str) -> Callable[[], None]:
         self.leases[tag] += 1

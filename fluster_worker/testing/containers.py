@@ -160,7 +160,7 @@ class FakeContainerRuntime(Service):
 
         return self._op("signal", container_id, send, sig)
 
-    def remove(self, container_id: str) -> Deferred[None]:
+    def remove(self, container_id: str, *, started: bool = False) -> Deferred[None]:
         def remove() -> None:
             container = self.containers.get(container_id)
             if container is None or container.state == "removed":
@@ -230,7 +230,7 @@ class FakeContainerRuntime(Service):
 
         return self._op("sample", container_id, sample)
 
-    def wait(self, container_id: str) -> Deferred[ExitStatus]:
+    def wait(self, container_id: str, *, before_start: bool = False) -> Deferred[ExitStatus]:
         self.calls.append(("wait", container_id))
         if not self.running_service:
             return fail(ContainerError("container wait failed: the container runtime is not running"))

@@ -85,7 +85,7 @@ class FakeLogFollowers:
         self.followers: list[FakeLogFollower] = []
         self.fail_with: str | None = None  # handed to every new follower
 
-    def __call__(self, job_log: JobLog, container_id: str) -> FakeLogFollower:
+    def __call__(self, job_log: JobLog, container_id: str, resume: bool = True) -> FakeLogFollower:
         follower = FakeLogFollower(job_log, self.runtime.container(container_id))
         follower.fail_with = self.fail_with
         self.followers.append(follower)
