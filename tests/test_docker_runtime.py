@@ -583,7 +583,9 @@ async def test_wait_reports_exit_code(runtime: ContainerRuntime, base_image: str
 async def test_last_log_entries_per_stream_and_a_started_container_removed(
     runtime: ContainerRuntime, base_image: str, docker_client: Any, blocking_pool: BlockingPool
 ) -> None:
-    script = "for i in $(seq 1 20); do echo out$i; done; echo err1 >&2; echo err2 >&2"
+    # The engine copies the two streams into its log separately: the pause puts
+    # the stderr lines after all the stdout ones.
+    script = "for i in $(seq 1 20); do echo out$i; done; sleep 0.5; echo err1 >&2; echo err2 >&2"
     cid, status = await run_to_exit(runtime, spec_for(runtime, base_image, ["sh", "-c", script]))
     assert status.exit_code == 0
     assert await runtime.is_running(cid) is False
