@@ -154,3 +154,49 @@ async def test_tls_and_token_with_the_official_client(tmp_path: Path, docker_cli
             assert no_tls.value.code != Code.PERMISSION_DENIED
     finally:
         worker.close(docker_client)
+
+
+# -- the options, through the real worker's wiring --------------------------------------
+
+
+async def _post(url: str, method: str, host: str) -> tuple[int, dict[str, Any]]:
+    import json
+
+    import treq
+
+    response = await treq.post(
+        f"{url}/fluster.cluster.WorkerService/{method}",
+        data=json.dumps({"jobId": "no-such-job"}).encode(),
+        headers={"Content-Type": ["application/json"], "Host": [host]},
+    )
+    return response.code, json.loads(await response.content())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_options_reach_the_gate(tmp_path: Path) -> None:
+    # Control only from the controller, whose name (looked up through the
+    # reactor's resolver) is this machine.
+    config = worker_config(
+        tmp_path / "a",
+        controller="http://localhost:9",
+        allow_control_from="controller",
+        allowed_hosts=("worker-7.example",),
+    )
+    h = await start_worker(config)
+    try:
+        port = h.worker.web.listening_port  # type: ignore[union-attr]
+        code, body = await _post(h.url, "ListJobs", "evil.example")
+        assert (code, body["code"]) == (403, "permission_denied")
+        assert (await _post(h.url, "ListJobs", "Worker-7.example:80"))[0] == 200
+        code, body = await _post(h.url, "KillJob", f"127.0.0.1:{port}")
+        assert (code, body["code"]) == (404, "not_found"), body  # through the gate, to the job core
+    finally:
+        await h.worker.stopService()
+
+    h = await start_worker(worker_config(tmp_path / "b", allow_control_from="10.0.0.0/8"))
+    try:
+        code, body = await _post(h.url, "KillJob", "localhost")
+        assert (code, body["message"]) == (403, "KillJob from 127.0.0.1 is not allowed (see --allow-control-from)")
+        assert (await _post(h.url, "GetJobStatus", "localhost"))[0] == 404
+    finally:
+        await h.worker.stopService()

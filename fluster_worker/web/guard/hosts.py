@@ -67,6 +67,7 @@ class HostAllowlist:
         self.open = "*" in {n.strip() for n in names}
         self._names = frozenset(cleaned | ALWAYS)
         self._dynamic = dynamic
+        self._dynamic_seen: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
 
     def refusal(self, header: bytes | None, local_ip: str | None) -> str | None:
         """None when the request may go on, else the one-line reason."""
@@ -86,7 +87,13 @@ class HostAllowlist:
             return True
         if local_ip is not None and _same_ip(host, local_ip):
             return True
-        return host in {normalize(n) for n in self._dynamic() if n}
+        return host in self._dynamic_names()
+
+    def _dynamic_names(self) -> frozenset[str]:
+        raw = tuple(self._dynamic())
+        if raw != self._dynamic_seen[0]:
+            self._dynamic_seen = (raw, frozenset(normalize(n) for n in raw if n))
+        return self._dynamic_seen[1]
 
 
 def _same_ip(host: str, local_ip: str) -> bool:
