@@ -204,6 +204,7 @@ class Served:
             f"{self.url}/{SERVICE}/{method}",
             data=json.dumps(message or {}).encode(),
             headers={k: [v] for k, v in all_headers.items()},
+            persistent=False,
         )
         body = await response.content()
         return response.code, json.loads(body) if body.startswith(b"{") else body
@@ -211,7 +212,8 @@ class Served:
     async def get(self, path: str, host: str | None = None, **headers: str) -> Any:
         all_headers = {"Host": host or f"127.0.0.1:{self.port}", **headers}
         response = await treq.get(
-            f"{self.url}{path}", headers={k: [v] for k, v in all_headers.items()}, allow_redirects=False
+            f"{self.url}{path}", headers={k: [v] for k, v in all_headers.items()}, allow_redirects=False,
+            persistent=False,
         )
         response.body = await response.content()
         return response
@@ -300,6 +302,7 @@ async def test_control_needs_an_allowed_address(serve: Any) -> None:
         f"{served.url}/job/job-1/kill",
         data={"token": token.group(1).decode(), "confirmed": "yes"},
         headers={"Host": [f"127.0.0.1:{served.port}"]},
+        persistent=False,
     )
     assert response.code == 403
     assert b"is not allowed (see --allow-control-from)" in await response.content()
@@ -394,12 +397,14 @@ async def test_pages_take_the_token_once_and_keep_a_cookie(serve: Any) -> None:
             data={"token": TOKEN.decode(), "next": target},
             headers={"Host": [f"127.0.0.1:{served.port}"]},
             allow_redirects=False,
+            persistent=False,
         )
         assert response.code == 303
         assert response.headers.getRawHeaders(b"location") == [expected]
         assert response.headers.getRawHeaders(b"set-cookie")[0].split(b";", 1)[0].decode() == value
     response = await treq.post(
-        f"{served.url}/login", data={"token": "nope"}, headers={"Host": [f"127.0.0.1:{served.port}"]}
+        f"{served.url}/login", data={"token": "nope"}, headers={"Host": [f"127.0.0.1:{served.port}"]},
+        persistent=False,
     )
     assert response.code == 403 and response.headers.getRawHeaders(b"set-cookie") is None
     # Static files need no token (the login page's look).

@@ -168,6 +168,7 @@ async def _post(url: str, method: str, host: str) -> tuple[int, dict[str, Any]]:
         f"{url}/fluster.cluster.WorkerService/{method}",
         data=json.dumps({"jobId": "no-such-job"}).encode(),
         headers={"Content-Type": ["application/json"], "Host": [host]},
+        persistent=False,
     )
     return response.code, json.loads(await response.content())
 
