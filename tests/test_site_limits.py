@@ -23,6 +23,8 @@ from fluster_worker.web.rpc.site import GuardedSite, bounded_site
 
 READ_TIMEOUT_S = 0.5
 SLOW_ANSWER_S = 1.5
+BIG = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than loopback sockets buffer
+MAX_UNSENT = 20 * 2**20
 
 
 class Raw(Protocol):
@@ -94,11 +96,22 @@ async def site() -> AsyncIterator[tuple[int, GuardedSite]]:
     def slow(request: Request) -> Deferred[bytes]:
         return deferLater(reactor, SLOW_ANSWER_S, lambda: b"done")
 
+    @app.route("/big")
+    def big(request: Request) -> bytes:
+        return BIG
+
     @app.route("/<string:name>")
     def named(request: Request, name: str) -> bytes:
         return name.encode()
 
-    s = bounded_site(app.resource(), 1024, max_connections=3, read_timeout_s=READ_TIMEOUT_S, idle_timeout_s=30)
+    s = bounded_site(
+        app.resource(),
+        1024,
+        max_connections=3,
+        read_timeout_s=READ_TIMEOUT_S,
+        idle_timeout_s=30,
+        max_unsent_bytes=MAX_UNSENT,
+    )
     port = reactor.listenTCP(0, s, interface="127.0.0.1")
     yield port.getHost().port, s
     await port.stopListening()
@@ -239,3 +252,57 @@ async def test_pipelined_requests_behind_a_slow_answer_are_served(site: tuple[in
     answer = await with_deadline(client.closed)
     assert answer.count(b"HTTP/1.1 200 ") == 2, answer
     assert b"next" in answer
+
+
+def dechunk(answer: bytes) -> bytes:
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head, head
+    body = b""
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return body
+        body += rest[:size]
+        rest = rest[size + 2 :]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_answer_arrives_whole_a_slice_at_a_time(site: tuple[int, GuardedSite]) -> None:
+    client = await connect(site[0])
+    client.send(get(b"/big"))
+    answer = await with_deadline(client.closed, 60)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert dechunk(answer) == BIG
+    assert site[1].unsent_bytes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_that_do_not_read_their_answers_are_dropped_past_the_unsent_cap(
+    site: tuple[int, GuardedSite]
+) -> None:
+    port, s = site
+    first = await connect(port)
+    assert first.transport is not None
+    first.transport.pauseProducing()  # never reads
+    first.send(get(b"/big"))
+    deadline = reactor.seconds() + 10
+    while s.unsent_bytes == 0:  # the answer is made and waits for the reader
+        assert reactor.seconds() < deadline
+        await deferLater(reactor, 0.01, lambda: None)
+    assert s.unsent_bytes <= len(BIG)
+    second = await connect(port)
+    assert second.transport is not None
+    second.transport.pauseProducing()
+    second.send(get(b"/big"))
+    # Two unread answers would pass the cap: the older one's connection is aborted.
+    first.transport.resumeProducing()
+    cut = await with_deadline(first.closed, 30)
+    assert len(cut) < len(BIG)
+    assert s.evicted_connections == 1
+    assert s.unsent_bytes <= MAX_UNSENT
+    # The newer one reads its answer whole.
+    second.transport.resumeProducing()
+    answer = await with_deadline(second.closed, 60)
+    assert dechunk(answer) == BIG
+    assert s.unsent_bytes == 0

@@ -17,7 +17,7 @@ from fluster_worker.jobs.model import JobError, JobRecord, valid_job_id
 from fluster_worker.logs import InvalidLogQuery, LogQueryTimeout, LogStore
 from fluster_worker.node import NodeConditions
 from fluster_worker.web import wire
-from fluster_worker.web.logpage import log_page
+from fluster_worker.web.logpage import PageGate
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.rpc.connect import Encoded
 from fluster_worker.web.rpc.errors import Code, ConnectError
@@ -40,6 +40,7 @@ class WorkerService:
         self._conditions = conditions
         self._started = clock.seconds()
         self._statuses = StatusCache(manager.records, advertised_address)
+        self._pages = PageGate()
 
     async def RunJob(self, request: pb.RunJobRequest) -> pb.RunJobResponse:
         """Answered once the job is on disk: an accepted job survives a crash."""
@@ -76,13 +77,13 @@ class WorkerService:
         """At most a page (logs/query.py), encoded off the reactor when large (logpage.py)."""
         if not valid_job_id(request.job_id) or self._manager.find(request.job_id) is None:
             return pb.FetchLogsResponse()  # the contract: an unknown job has no logs
+        query = wire.log_query(request.filter)
         try:
-            lines = await self._logs.query(request.job_id, wire.log_query(request.filter))
+            return await self._pages.page(lambda: self._logs.query(request.job_id, query))
         except LogQueryTimeout as e:
             raise ConnectError(Code.DEADLINE_EXCEEDED, str(e)) from None
         except InvalidLogQuery as e:
             raise ConnectError(Code.INVALID_ARGUMENT, str(e)) from None
-        return log_page(lines)
 
     async def KillJob(self, request: pb.KillJobRequest) -> pb.Empty:
         try:

@@ -12,18 +12,25 @@
   runs only while a request is being read: a request being answered (a KillJob
   waiting out its grace) and an idle keep-alive connection (Twisted's own idle
   timeout, ``timeOut``) are not reads.
+- A large answer (a FetchLogs page of up to 16 MiB) is handed to the socket a
+  slice at a time as the peer reads it, and all answers not yet sent count
+  against ``max_unsent_bytes``: when a new one would pass it, the connections
+  that have been holding unsent answers the longest are aborted. A client that
+  asks for pages and never reads them costs the worker at most that much
+  memory, not a page per connection.
 """
 
 from __future__ import annotations
 
 import io
+from collections import deque
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import NO_BODY_CODES, HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -34,6 +41,47 @@ DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_READ_TIMEOUT_S = 60.0
 #: How long a keep-alive connection may stay idle between requests (Twisted's default).
 DEFAULT_IDLE_TIMEOUT_S = 60.0
+#: Answers not yet handed to the sockets, over all connections.
+DEFAULT_MAX_UNSENT_BYTES = 256 * 2**20
+#: A write at least this large goes out a slice at a time (_Unsent).
+LARGE_WRITE = 256 * 1024
+SLICE = 64 * 1024
+
+
+class _Unsent:
+    """The unsent part of one request's answer: a push producer (registered on
+    the request) that the channel pauses while the socket's buffer is full."""
+
+    def __init__(self, request: BoundedRequest) -> None:
+        self.request = request
+        self.chunks: deque[bytes] = deque()
+        self.offset = 0  # into chunks[0]
+        self.size = 0  # bytes left to send
+        self.paused = False
+
+    def add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def take(self) -> bytes:
+        head = self.chunks[0]
+        piece = head[self.offset : self.offset + SLICE]
+        self.offset += len(piece)
+        if self.offset >= len(head):
+            self.chunks.popleft()
+            self.offset = 0
+        self.size -= len(piece)
+        return piece
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.request._pump()
+
+    def stopProducing(self) -> None:
+        self.paused = True
 
 
 class BoundedRequest(Request):
@@ -48,6 +96,9 @@ class BoundedRequest(Request):
     max_body_bytes = DEFAULT_MAX_BODY_BYTES
     body_too_large = False
     _received = 0
+    _unsent: _Unsent | None = None
+    _guarded: GuardedSite | None = None  # the site counting this request's unsent bytes
+    _finish_when_sent = False
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body_bytes:
@@ -67,6 +118,71 @@ class BoundedRequest(Request):
             self.content = io.BytesIO()
             return
         super().handleContentChunk(data)
+
+    # -- large answers, a slice at a time (see the module doc) ---------------------------
+
+    def write(self, data: bytes) -> None:
+        site = getattr(self.channel, "site", None)
+        if self._unsent is None and (
+            len(data) < LARGE_WRITE
+            or not isinstance(site, GuardedSite)
+            or self.method == b"HEAD"
+            or self.code in NO_BODY_CODES
+            or self.finished
+            or self._disconnected
+        ):
+            super().write(data)
+            return
+        if self._unsent is None:
+            assert isinstance(site, GuardedSite)
+            self._guarded = site
+            self._unsent = _Unsent(self)
+            self.registerProducer(self._unsent, True)
+            if getattr(self.channel, "_waitingForTransport", False):
+                self._unsent.paused = True
+            site.unsent_started(self)
+        self._unsent.add(data)
+        assert self._guarded is not None
+        self._guarded.unsent_added(self, len(data))
+        self._pump()
+
+    def _pump(self) -> None:
+        unsent, site = self._unsent, self._guarded
+        if unsent is None or site is None:
+            return
+        while unsent is self._unsent and not unsent.paused and unsent.size:
+            piece = unsent.take()
+            site.unsent_sent(len(piece))
+            super().write(piece)  # the channel may pause us right here
+        if unsent is self._unsent and not unsent.size:
+            self._unsent = None
+            self.unregisterProducer()
+            site.unsent_done(self)
+            if self._finish_when_sent:
+                super().finish()
+
+    def finish(self) -> None:
+        if self._unsent is not None:
+            self._finish_when_sent = True
+            return
+        super().finish()
+
+    def drop_unsent(self) -> int:
+        """Forget the unsent answer (its connection is going); the bytes it held."""
+        unsent, self._unsent = self._unsent, None
+        if unsent is None:
+            return 0
+        unsent.paused = True
+        size = unsent.size
+        unsent.chunks.clear()
+        unsent.size = 0
+        return size
+
+    def connectionLost(self, reason: Failure) -> None:
+        size = self.drop_unsent()
+        if self._guarded is not None:
+            self._guarded.unsent_forgotten(self, size)
+        super().connectionLost(reason)
 
     def process(self) -> None:
         problem = undecodable(self)
@@ -175,6 +291,53 @@ class GuardedSite(Site):
     open_connections = 0
     refused_connections = 0  # since start
     _overloaded = False
+    max_unsent_bytes: int | None = DEFAULT_MAX_UNSENT_BYTES
+    unsent_bytes = 0  # answers not yet handed to the sockets
+    evicted_connections = 0  # since start: aborted for holding unsent answers too long
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unsent: dict[BoundedRequest, None] = {}  # oldest first
+
+    def unsent_started(self, request: BoundedRequest) -> None:
+        self._unsent[request] = None
+
+    def unsent_added(self, request: BoundedRequest, size: int) -> None:
+        self.unsent_bytes += size
+        # The connections that held their answers longest go first.
+        while self.max_unsent_bytes and self.unsent_bytes > self.max_unsent_bytes:
+            oldest = next((r for r in self._unsent if r is not request), None)
+            if oldest is None:
+                break
+            self._evict(oldest)
+
+    def unsent_sent(self, size: int) -> None:
+        self.unsent_bytes -= size
+
+    def unsent_done(self, request: BoundedRequest) -> None:
+        self._unsent.pop(request, None)
+
+    def unsent_forgotten(self, request: BoundedRequest, size: int) -> None:
+        self._unsent.pop(request, None)
+        self.unsent_bytes -= size
+
+    def _evict(self, request: BoundedRequest) -> None:
+        self._unsent.pop(request, None)
+        channel = request.channel
+        size = request.drop_unsent()
+        self.unsent_bytes -= size
+        self.evicted_connections += 1
+        if self.evicted_connections == 1 or self.evicted_connections % 100 == 0:
+            self._logger.warn(
+                "aborted a connection holding {size} bytes of answer it did not read "
+                "({count} so far): answers waiting for slow readers are capped at {cap} bytes",
+                size=size,
+                count=self.evicted_connections,
+                cap=self.max_unsent_bytes,
+            )
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.max_connections and self.open_connections >= self.max_connections:
@@ -211,6 +374,7 @@ def bounded_site(
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S,
     idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
+    max_unsent_bytes: int | None = DEFAULT_MAX_UNSENT_BYTES,
 ) -> GuardedSite:
     """A Site for ``resource`` whose request bodies are capped at ``max_body_bytes``,
     with at most ``max_connections`` connections (None: no cap) and a read deadline
@@ -225,6 +389,7 @@ def bounded_site(
         return _Request(*args, **kwargs)
 
     site = GuardedSite(resource, requestFactory=factory, timeout=idle_timeout_s)
+    site.max_unsent_bytes = max_unsent_bytes
     limit_connections(site, max_connections, read_timeout_s)
     # Twisted prints every request to the log by default; the RPC layer logs what matters.
     site.noisy = False
