@@ -58,6 +58,7 @@ bench: install base-image
 	$(BIN)/python bench/logs.py
 	$(BIN)/python bench/kill.py
 	$(BIN)/python bench/restart.py
+	$(BIN)/python bench/access.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -8,6 +8,7 @@ resolves to); ``*`` allows everyone.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,8 +30,9 @@ WORDS = ("loopback", "controller")
 DEFAULT_CONTAINER_NETWORKS = ("172.17.0.0/16",)
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_ip(text: str) -> Address | None:
-    """An address, IPv4-mapped IPv6 unmapped and any zone dropped; None if not one."""
+    """(Cached: callers come back.) An address, IPv4-mapped IPv6 unmapped and any zone dropped; None if not one."""
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0].strip("[]"))
     except ValueError:

@@ -17,6 +17,7 @@ text elsewhere; each is logged through the RefusalLog.
 
 from __future__ import annotations
 
+import functools
 import html
 import ipaddress
 from collections.abc import Callable, Sequence
@@ -90,6 +91,7 @@ class Call:
     page: bool
 
 
+@functools.lru_cache(maxsize=1024)
 def classify(method: bytes, path: bytes) -> Call:
     verb = method.decode("latin-1")[:10]
     text = path.decode("latin-1")

@@ -13,6 +13,7 @@ and a trailing dot removed.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable
@@ -22,10 +23,13 @@ from fluster_worker.host import is_local_host
 #: A DNS name (labels of letters, digits, "-" and "_"), an IPv4 literal, or a
 #: bracketed IPv6 literal; then an optional port.
 _HOST = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]{2,45}(?:%[\w.-]{1,32})?\]|[A-Za-z0-9_.-]{1,253})(?::(?P<port>\d{1,5}))?")
+#: Verdicts remembered (then forgotten all at once: a flood of made-up names costs nothing more).
+MAX_CACHED = 1024
 #: Names every worker answers to besides its own addresses.
 ALWAYS = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
 
 
+@functools.lru_cache(maxsize=1024)
 def host_name(header: str) -> str | None:
     """The host of a ``Host`` header, normalized (lower case, no port, no
     brackets, no trailing dot); None when it is not a host[:port]."""
@@ -67,6 +71,8 @@ class HostAllowlist:
         self.open = "*" in {n.strip() for n in names}
         self._names = frozenset(cleaned | ALWAYS)
         self._dynamic = dynamic
+        #: What the fixed names say of a (host, local address): callers come back.
+        self._fixed_verdicts: dict[tuple[str, str | None], bool] = {}
         self._dynamic_seen: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
 
     def refusal(self, header: bytes | None, local_ip: str | None) -> str | None:
@@ -83,11 +89,14 @@ class HostAllowlist:
         return f"Host {host[:80]!r} is not a name of this worker (see --allowed-hosts)"
 
     def allows(self, host: str, local_ip: str | None) -> bool:
-        if host in self._names or is_local_host(host):
-            return True
-        if local_ip is not None and _same_ip(host, local_ip):
-            return True
-        return host in self._dynamic_names()
+        key = (host, local_ip)
+        fixed = self._fixed_verdicts.get(key)
+        if fixed is None:
+            fixed = host in self._names or is_local_host(host) or (local_ip is not None and _same_ip(host, local_ip))
+            if len(self._fixed_verdicts) >= MAX_CACHED:
+                self._fixed_verdicts.clear()
+            self._fixed_verdicts[key] = fixed
+        return fixed or host in self._dynamic_names()
 
     def _dynamic_names(self) -> frozenset[str]:
         raw = tuple(self._dynamic())
