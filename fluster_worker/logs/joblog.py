@@ -34,6 +34,7 @@ from fluster_worker.common.threads import BlockingPool
 from fluster_worker.common.waiters import Once
 from fluster_worker.logs.batch import FlushWaiters, PendingLines
 from fluster_worker.logs.disk import JobFiles
+from fluster_worker.logs.ingest import IngestBudget
 from fluster_worker.logs.layout import JobView
 from fluster_worker.logs.lines import truncate_line
 from fluster_worker.logs.model import SOURCES, LogLine, LogStats
@@ -57,6 +58,7 @@ class LogOwner(Protocol):
     pool: BlockingPool
     max_line_bytes: int
     batch_delay_s: float
+    ingest: IngestBudget
 
     def log_closing(self, job_log: JobLog, closed: Once[None]) -> None:
         """``job_log`` started closing; ``closed`` fires once it is closed."""
@@ -77,6 +79,8 @@ class JobLog:
         self._owner = owner
         self._reactor = owner.reactor
         self._pool = owner.pool
+        #: The reactor time this log's follower may parse with (shared: ingest.py).
+        self.ingest = owner.ingest
         self._files = files
         self._gate = gate
         self._state = _OPEN

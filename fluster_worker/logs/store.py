@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.common.waiters import Once
 from fluster_worker.logs.disk import JobFiles
+from fluster_worker.logs.ingest import IngestBudget
 from fluster_worker.logs.joblog import JobLog, LogWriteError
 from fluster_worker.logs.layout import LINE_OVERHEAD, job_directory, read_view, remove_job_directory
 from fluster_worker.logs.model import (
@@ -59,7 +60,10 @@ class LogStore:
         query_budget_s: float = DEFAULT_QUERY_BUDGET_S,
         batch_delay_s: float = DEFAULT_BATCH_DELAY_S,
         page: Page | None = None,
+        ingest: IngestBudget | None = None,
     ) -> None:
+        """``ingest`` is the reactor time the followers of these logs may parse
+        with (ingest.py; one per worker, made here by default)."""
         if max_stream_bytes < 1024:
             raise ValueError("max_stream_bytes must be at least 1024")
         self.root = Path(root)
@@ -70,6 +74,7 @@ class LogStore:
         self.query_budget_s = query_budget_s
         self.batch_delay_s = batch_delay_s
         self.page = page or Page()  # the most one query answers (query.py)
+        self.ingest = ingest if ingest is not None else IngestBudget(reactor)
         self.bytes_read = 0  # by queries, since start
         self._logs: dict[str, JobLog] = {}
         self._gates: dict[str, Once[None]] = {}

@@ -47,7 +47,9 @@ lines received so far are flushed.
 --`` so that no tail outlives a worker that dies without stopping it.
 
 Back-pressure: while more than ``max_pending_bytes`` appended bytes wait for the
-disk, the tail's pipes are not read (so memory stays bounded and Docker waits).
+disk (the writer is behind), the tail's pipes are not read (so memory stays
+bounded and Docker waits); nor while the followers' shared budget of reactor
+time is spent (ingest.py), so that a log flood cannot starve the RPC.
 Batching: the docker CLI writes each log message with its own write(); after a
 read that drained a pipe, reading pauses for ``read_delay_s`` (5 ms) so that the
 next reads find full pipes (the reactor wakes up per 8 KiB, not per line).
@@ -68,6 +70,7 @@ from twisted.python.failure import Failure
 from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.waiters import Waiters
 from fluster_worker.logs.docker_cli import LastEntriesProtocol, TailProtocol, default_env
+from fluster_worker.logs.ingest import IngestBudget
 from fluster_worker.logs.joblog import JobLog
 from fluster_worker.logs.lines import StreamParser, format_since
 from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
@@ -110,17 +113,20 @@ class LogFollower:
         resume: bool = True,
         resume_margin_s: float = 1.0,
         max_failures: int = 8,
-        max_pending_bytes: int = 64 * 2**20,
+        max_pending_bytes: int = 8 * 2**20,
         read_delay_s: float = 0.005,
         last_entries: Callable[[int], Deferred[dict[int, bytes]]] | None = None,
         engine_ready: Callable[[], Deferred[None]] | None = None,
         command_prefix: Sequence[str] = (),
         stall_s: float | None = None,
+        budget: IngestBudget | None = None,
     ) -> None:
         """``last_entries(n)``, when given, fetches the container's last ``n``
         timestamped entries per stream ({1: stdout bytes, 2: stderr bytes}, as
         ``docker logs --tail n --timestamps`` prints them) without a process,
-        e.g. through the Docker API on a thread pool; else the CLI is spawned."""
+        e.g. through the Docker API on a thread pool; else the CLI is spawned.
+        ``budget`` is the reactor time parsing may take, shared with the other
+        followers (ingest.py); by default the one of ``job_log``'s store."""
         if not os.path.isabs(docker_path):
             raise ValueError(f"docker_path must be absolute, not {docker_path!r}")
         if not container_id or container_id.startswith("-") or not container_id.isprintable():
@@ -137,6 +143,7 @@ class LogFollower:
         self._margin_ns = int(resume_margin_s * 1e9)
         self._max_failures = max_failures
         self._max_pending = max_pending_bytes
+        self._budget = budget if budget is not None else job_log.ingest
         self._read_delay = read_delay_s
         self._last_entries = last_entries
         self._engine_ready = engine_ready
@@ -265,12 +272,20 @@ class LogFollower:
             return
         if self._stall is not None:
             self._stall.saw_data()
+        budget = self._budget
+        started = budget.clock()
         try:
             stamps, lines = stream.parser.feed(data)
             self._store(stream, stamps, lines)
             self._diagnostics(stream)
         except Exception:
             self.log.failure("parsing the logs of {cid} failed", cid=self._container_id)
+        budget.spend(budget.clock() - started)
+        if "budget" not in protocol.pauses and budget.exhausted:
+            # The followers have parsed their share of the reactor's time: the
+            # output waits in the pipe (and the engine's log) meanwhile.
+            protocol.pause("budget")
+            budget.wait().addCallback(lambda _: protocol.unpause("budget"))
         if "disk" not in protocol.pauses and self._job_log.pending_bytes > self._max_pending:
             protocol.pause("disk")
             self._job_log.flush(sync=False).addBoth(lambda _: protocol.unpause("disk"))
