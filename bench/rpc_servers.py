@@ -51,9 +51,9 @@ def asgi(port: int) -> None:
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    from tests.stubs.cluster_connect import WorkerServiceASGIApplication
+    from tests.stubs.cluster_connect import WorkerService, WorkerServiceASGIApplication
 
-    class Service:
+    class Service(WorkerService):
         async def health_check(self, request: pb.Empty, ctx: object) -> pb.HealthResponse:
             return health()
 

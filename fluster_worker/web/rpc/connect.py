@@ -19,7 +19,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -80,51 +80,65 @@ class ConnectRouter:
     def mount(self, app: Klein) -> None:
         app.route(f"/{self.service_name}/<string:method>", methods=["POST"])(self._handle)
 
-    def _handle(self, request: Request, method: str) -> Deferred[bytes]:
-        started = time.monotonic()
+    def _handle(self, request: Request, method: str) -> bytes | Deferred[bytes]:
+        """A call answered synchronously when it can be (a small body parsed
+        inline, a handler that answers at once, a small or cached answer: no
+        Deferred on the way); through Deferreds otherwise."""
+        call = _Call(request, method, time.monotonic())
         types = self._methods.get(method)
         content_type = codec.media_type(_header(request, b"content-type"))
-        answer_codec = content_type or codec.JSON
-        d: Deferred[Message | Encoded]
+        call.codec = content_type or codec.JSON
         if types is None:
-            d = _fail(Code.UNIMPLEMENTED, f"unknown method {self.service_name}/{method[:80]}")
-        elif content_type is None:
-            d = _fail(None, "unsupported content type; use application/proto or application/json")
-        else:
-            d = self._dispatch(request, method, types, content_type)
+            return self._failed(call, Failure(ConnectError(
+                Code.UNIMPLEMENTED, f"unknown method {self.service_name}/{method[:80]}")))
+        if content_type is None:
+            return self._failed(call, Failure(_UnsupportedMediaType(
+                "unsupported content type; use application/proto or application/json")))
+        try:
+            response = self._dispatch(request, method, types, content_type)
+            if not isinstance(response, Deferred):
+                return self._ok(call, response)
+        except Exception:
+            return self._failed(call, Failure())
+        # An answer that fails to encode is an internal error like any other.
+        answer: Deferred[bytes] = response.addCallback(  # type: ignore[assignment]
+            lambda r: self._ok(call, r)
+        ).addErrback(lambda f: self._failed(call, f))
+        return answer
 
-        def ok(response: Message | Encoded) -> bytes | Deferred[bytes]:
-            if isinstance(response, Encoded):
-                body = response.body(answer_codec, self._pool)
-                return answered(body) if isinstance(body, bytes) else body.addCallbacks(answered, failed)
-            if response.ByteSize() <= self._inline_answer:
-                return answered(codec.encode(response, answer_codec))
+    def _ok(self, call: _Call, response: Message | Encoded) -> bytes | Deferred[bytes]:
+        if isinstance(response, Encoded):
+            body = response.body(call.codec, self._pool)
+        elif response.ByteSize() <= self._inline_answer:
+            body = codec.encode(response, call.codec)
+        else:
             # A big answer (many jobs, many log lines): encoded on the pool so
             # that the reactor keeps serving meanwhile.
-            return self._pool.run(codec.encode, response, answer_codec).addCallbacks(answered, failed)
+            body = self._pool.run(codec.encode, response, call.codec)
+        if isinstance(body, Deferred):
+            return body.addCallbacks(lambda b: self._answered(call, b), lambda f: self._failed(call, f))
+        return self._answered(call, body)
 
-        def answered(body: bytes) -> bytes:
-            request.setResponseCode(200)
-            request.setHeader(b"content-type", answer_codec.encode())
-            self._done(method, "ok", started)
-            return body
+    def _answered(self, call: _Call, body: bytes) -> bytes:
+        request = call.request
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", call.codec.encode())
+        self._done(call.method, "ok", call.started)
+        return body
 
-        def failed(failure: Failure) -> bytes:
-            code, message = self._classify(failure, method)
-            request.setHeader(b"content-type", codec.JSON.encode())
-            if code is None:  # wrong content type: HTTP 415, as Connect peers expect
-                request.setResponseCode(415)
-                request.setHeader(b"accept-post", b"application/proto, application/json")
-                code = Code.INVALID_ARGUMENT
-            else:
-                request.setResponseCode(code.http_status)
-            self._refused(request, method, code, message)
-            self._done(method, code.wire_name, started)
-            return codec.error_body(code, message, _details(failure, message))
-
-        # An answer that fails to encode is an internal error like any other.
-        answer: Deferred[bytes] = d.addCallback(ok).addErrback(failed)  # type: ignore[assignment]
-        return answer
+    def _failed(self, call: _Call, failure: Failure) -> bytes:
+        request, method = call.request, call.method
+        code, message = self._classify(failure, method)
+        request.setHeader(b"content-type", codec.JSON.encode())
+        if code is None:  # wrong content type: HTTP 415, as Connect peers expect
+            request.setResponseCode(415)
+            request.setHeader(b"accept-post", b"application/proto, application/json")
+            code = Code.INVALID_ARGUMENT
+        else:
+            request.setResponseCode(code.http_status)
+        self._refused(request, method, code, message)
+        self._done(method, code.wire_name, call.started)
+        return codec.error_body(code, message, _details(failure, message))
 
     def _dispatch(
         self,
@@ -132,47 +146,17 @@ class ConnectRouter:
         method: str,
         types: tuple[type[Message], type[Message]],
         content_type: str,
-    ) -> Deferred[Message | Encoded]:
+    ) -> Message | Encoded | Deferred[Message | Encoded]:
+        """The handler's answer, or a Deferred of it; raises what it refuses."""
         if getattr(request, "body_too_large", False):
-            return _fail(Code.RESOURCE_EXHAUSTED, f"request body exceeds {self._max_body_bytes} bytes")
+            raise ConnectError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {self._max_body_bytes} bytes")
         version = _header(request, b"connect-protocol-version")
         if version is not None and version.strip() != "1":
-            return _fail(Code.INVALID_ARGUMENT, f"unsupported connect-protocol-version {version[:20]!r}")
-        try:
-            timeout = _timeout_seconds(_header(request, b"connect-timeout-ms"))
-        except ConnectError as e:
-            return _fail(e.code, e.message)
+            raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported connect-protocol-version {version[:20]!r}")
+        timeout = _timeout_seconds(_header(request, b"connect-timeout-ms"))
         encoding = _header(request, b"content-encoding")
         content = request.content
         request_type, response_type = types
-
-        def parse(body: bytes) -> Message:
-            return codec.decode(codec.decompress(body, encoding, self._max_body_bytes), content_type, request_type)
-
-        parsed: Deferred[Message]
-        if isinstance(content, io.BytesIO) and len(content.getbuffer()) <= self._inline_body:
-            body = content.getvalue()
-            try:
-                # Parsed here only if it stays small once decompressed; a small
-                # gzip body that inflates (up to the body limit) goes to the pool.
-                small = codec.inflate_small(body, encoding, self._inline_body)
-            except ConnectError as e:
-                return _fail(e.code, e.message)
-            if small is not None:
-                parsed = maybeDeferred(codec.decode, small, content_type, request_type)
-            else:
-                parsed = self._pool.run(parse, body)
-        else:
-            parsed = self._pool.run(lambda: parse(content.read() if content is not None else b""))
-
-        def call(message: Message) -> Deferred[Message | Encoded]:
-            handler = getattr(self._impl, method, None)
-            if handler is None:
-                raise ConnectError(Code.UNIMPLEMENTED, f"{self.service_name}/{method} is not implemented")
-            result = handler(message)
-            if inspect.iscoroutine(result):
-                return Deferred.fromCoroutine(result)
-            return maybeDeferred(lambda: result)
 
         def check(response: Any) -> Message | Encoded:
             kind = response.message_type if isinstance(response, Encoded) else type(response)
@@ -180,10 +164,41 @@ class ConnectRouter:
                 raise TypeError(f"{method} returned {kind.__name__}, not {response_type.__name__}")
             return response  # type: ignore[no-any-return]
 
-        answer = parsed.addCallback(call).addCallback(check)
+        def parse(body: bytes) -> Message:
+            return codec.decode(codec.decompress(body, encoding, self._max_body_bytes), content_type, request_type)
+
+        answer: Deferred[Message | Encoded]
+        if isinstance(content, io.BytesIO) and len(content.getbuffer()) <= self._inline_body:
+            # Parsed here only if it stays small once decompressed; a small
+            # gzip body that inflates (up to the body limit) goes to the pool.
+            body = content.getvalue()
+            small = codec.inflate_small(body, encoding, self._inline_body)
+            if small is not None:
+                result = self._call(method, codec.decode(small, content_type, request_type))
+                if not isinstance(result, Deferred):
+                    return check(result)
+                answer = result.addCallback(check)
+            else:
+                answer = self._pool.run(parse, body).addCallback(self._call_later, method).addCallback(check)
+        else:
+            parsed = self._pool.run(lambda: parse(content.read() if content is not None else b""))
+            answer = parsed.addCallback(self._call_later, method).addCallback(check)
         if timeout is not None:
             answer.addTimeout(timeout, self._reactor)
         return answer
+
+    def _call(self, method: str, message: Message) -> Any:
+        """The handler's answer (a message, an Encoded, or a Deferred of one)."""
+        handler = getattr(self._impl, method, None)
+        if handler is None:
+            raise ConnectError(Code.UNIMPLEMENTED, f"{self.service_name}/{method} is not implemented")
+        result = handler(message)
+        if inspect.iscoroutine(result):
+            return Deferred.fromCoroutine(result)
+        return result
+
+    def _call_later(self, message: Message, method: str) -> Any:
+        return self._call(method, message)
 
     def _classify(self, failure: Failure, method: str) -> tuple[Code | None, str]:
         if failure.check(_UnsupportedMediaType):
@@ -227,6 +242,18 @@ class _UnsupportedMediaType(Exception):
     pass
 
 
+class _Call:
+    """One RPC being answered."""
+
+    __slots__ = ("request", "method", "started", "codec")
+
+    def __init__(self, request: Request, method: str, started: float) -> None:
+        self.request = request
+        self.method = method
+        self.started = started
+        self.codec = codec.JSON
+
+
 class Encoded:
     """An answer already serialized, for a method that keeps its answers' bytes
     (a job's status, encoded once per change): ``bodies(codec, pool)`` gives the body
@@ -241,12 +268,6 @@ class Encoded:
     ) -> None:
         self.message_type = message_type
         self.body = bodies
-
-
-def _fail(code: Code | None, message: str) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.errback(_UnsupportedMediaType(message) if code is None else ConnectError(code, message))
-    return d
 
 
 def peer_of(request: Request) -> str:
