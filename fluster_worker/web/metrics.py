@@ -80,6 +80,8 @@ class WorkerMetrics:
         self._clock = clock
         self._started = clock.seconds()
         self._methods = frozenset(rpc_methods)
+        # The labelled children of rpc_duration, looked up once (every RPC observes one).
+        self._rpc_children: dict[tuple[str, str], Any] = {}
         self._registration = registration  # read at scrape: it may be attached after us
         self._devices = devices
         self._seen: dict[str, _Seen] = {}
@@ -142,8 +144,11 @@ class WorkerMetrics:
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """The ConnectRouter's ``observe`` hook. The method comes from the URL:
         anything not in the service is ``unknown`` (bounded label values)."""
-        name = method if method in self._methods else "unknown"
-        self.rpc_duration.labels(name, code[:40]).observe(max(0.0, seconds))
+        key = (method if method in self._methods else "unknown", code[:40])
+        child = self._rpc_children.get(key)
+        if child is None:  # one per method and code: bounded
+            child = self._rpc_children[key] = self.rpc_duration.labels(*key)
+        child.observe(max(0.0, seconds))
 
     # -- output -------------------------------------------------------------------
 
