@@ -265,7 +265,7 @@ async def flood_section(tmp: Path, bundle: Path, jobs: int, flood_seconds: float
             await wait_state(client, job_id, {pb.JOB_STATE_RUNNING} | TERMINAL)
         await pause(1.0)
         flooded = wrk(target, 8, seconds, ask, tmp=tmp)
-        still = sum(1 for j in ids if (await client.status(j)).state == pb.JOB_STATE_RUNNING)
+        still = [(await client.status(j)).state for j in ids].count(pb.JOB_STATE_RUNNING)
         print(f"2. GetJobStatus, 8 connections, while {jobs} jobs print as fast as they can: {flooded} "
               f"(goal p99 <= 50 ms; {still} of {jobs} still printing at the end)", flush=True)
         printed = stored = lost = duplicated = 0
@@ -280,7 +280,11 @@ async def flood_section(tmp: Path, bundle: Path, jobs: int, flood_seconds: float
             duplicated += len(seen) - len(set(seen))
         print(f"2. lines printed {printed:,}, stored {stored:,}: {lost} lost, {duplicated} stored twice "
               f"(goal 0 and 0)", flush=True)
-        await client.kill("watched", term_timeout_ms=100)
+        watched = await client.status("watched")
+        if watched.state != pb.JOB_STATE_RUNNING:
+            print(f"2. the watched job ended {pb.JobState.Name(watched.state)}: {watched.error}", flush=True)
+        else:
+            await client.kill("watched", term_timeout_ms=100)
     finally:
         worker.close(docker.from_env())
 
