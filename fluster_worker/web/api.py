@@ -19,10 +19,12 @@ The shapes and the protocols it reads the worker through are in ``views``.
 from __future__ import annotations
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from fluster_worker.jobs.model import JobRecord
 from fluster_worker.logs.model import InvalidLogQuery
+from fluster_worker.web.rows import RowCache, json_bytes
 from fluster_worker.web.views import (
     DEFAULT_TAIL,
     MAX_JOBS,
@@ -58,6 +60,12 @@ class JobsApi:
     def __init__(self, worker: WorkerView, facts: Facts) -> None:
         self._worker = worker
         self._facts = facts
+        # A finished job's summary no longer changes with the time: kept (rows.py).
+        self._rows = RowCache(
+            lambda r: job_summary(r, now_ms(worker.reactor)),
+            lambda: [r.job_id for r in worker.manager.records()],
+            keep=lambda r: r.state.terminal,
+        )
 
     def mount(self, app: Klein) -> None:
         app.route(PREFIX + "/stats", methods=["GET"], endpoint="api_stats")(self.stats)
@@ -68,15 +76,19 @@ class JobsApi:
     def stats(self, request: Request) -> bytes:
         return json_response(request, 200, worker_stats(self._worker, self._facts))
 
-    def jobs(self, request: Request) -> bytes:
+    def jobs(self, request: Request) -> bytes | Deferred[bytes]:
+        """Job summaries, a finished job's kept as bytes (rows.py); many to
+        encode are encoded off the reactor."""
         try:
             state = parse_state(arg(request, "state"))
             limit = int_arg(request, "limit", MAX_JOBS, 1, MAX_JOBS)
         except BadRequest as e:
             return json_error(request, 400, str(e))
-        now = now_ms(self._worker.reactor)
         records = select_jobs(self._worker.manager.records(), state, limit)
-        return json_response(request, 200, {"jobs": [job_summary(r, now) for r in records]})
+        body = self._rows.joined(records, self._worker.cpu_pool, b'{"jobs":[', b"]}")
+        if isinstance(body, Deferred):
+            return body.addCallback(lambda b: json_bytes(request, b))
+        return json_bytes(request, body)
 
     def job(self, request: Request, job_id: str) -> bytes:
         record = self._record(job_id)

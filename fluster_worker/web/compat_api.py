@@ -24,10 +24,12 @@ from __future__ import annotations
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.web.server import Request
 
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogQuery
+from fluster_worker.web.rows import RowCache, json_bytes
 from fluster_worker.web.views import (
     MAX_LOG_BYTES,
     MAX_LOG_LINES,
@@ -127,6 +129,7 @@ class CompatApi:
 
     def __init__(self, worker: WorkerView) -> None:
         self._worker = worker
+        self._rows = RowCache(job_row, lambda: [r.job_id for r in worker.manager.records()])
 
     def mount(self, app: Klein) -> None:
         app.route("/api/stats", methods=["GET"], endpoint="compat_stats")(self.stats)
@@ -137,9 +140,13 @@ class CompatApi:
     def stats(self, request: Request) -> bytes:
         return json_response(request, 200, stats(self._worker.manager.records()))
 
-    def jobs(self, request: Request) -> bytes:
+    def jobs(self, request: Request) -> bytes | Deferred[bytes]:
+        """Rows kept per job (rows.py); many to encode are encoded off the reactor."""
         records = sorted(self._worker.manager.records(), key=lambda r: (r.submitted_at_ms, r.job_id))
-        return json_response(request, 200, [job_row(r) for r in records])
+        body = self._rows.joined(records, self._worker.cpu_pool)
+        if isinstance(body, Deferred):
+            return body.addCallback(lambda b: json_bytes(request, b))
+        return json_bytes(request, body)
 
     def job(self, request: Request, job_id: str) -> bytes:
         record = self._worker.manager.find(job_id)
