@@ -54,11 +54,14 @@ proto: install
 	rm -rf tests/stubs/fluster_worker
 
 bench: install base-image
+	$(BIN)/pip install -q -e '.[bench]'
+	scripts/ensure-wrk.sh
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/logs.py
 	$(BIN)/python bench/kill.py
 	$(BIN)/python bench/restart.py
 	$(BIN)/python bench/access.py
+	$(BIN)/python bench/rpc.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
