@@ -62,6 +62,7 @@ bench: install base-image
 	$(BIN)/python bench/restart.py
 	$(BIN)/python bench/access.py
 	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/fetchlogs.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
