@@ -29,7 +29,10 @@ of as many containers, one after the other.
 
 Prints each measure, the ratio worker / reference (P1: of the medians, and the
 min / median / max of the run-by-run ratios; P2: per round, then min / median)
-and the goal: P1 <= 1.15 and P2 <= 1.15 (issue 14).
+and the goal: P1 <= 1.15 and P2 <= 1.15 (issue 14). For each P2 round it also
+prints the CPU milliseconds per job on each side (``CpuMeter``): this process
+(worker and client), its reaped children (`docker logs` processes, or the
+docker CLIs of the reference), dockerd and containerd.
 """
 
 from __future__ import annotations
@@ -139,6 +142,49 @@ class Bench:
             await self.run_one(poll=0.02)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) from /proc: this process (the worker and the
+    bench's client), its reaped children (the worker's `docker logs`, or the
+    reference's docker CLIs), dockerd and containerd. On two cores a batch is
+    CPU-bound, so these are what its time is made of, and they move much less
+    with the load of other work than wall times do."""
+
+    def __init__(self) -> None:
+        self._hz = os.sysconf("SC_CLK_TCK")
+        self._engine = {name: _pid_of(name) for name in ("dockerd", "containerd")}
+
+    def _times(self, pid: int | str) -> tuple[float, float]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0, 0.0
+        own = (int(fields[11]) + int(fields[12])) / self._hz
+        children = (int(fields[13]) + int(fields[14])) / self._hz
+        return own, children
+
+    def read(self) -> dict[str, float]:
+        own, children = self._times("self")
+        values = {"worker": own, "children": children}
+        for name, pid in self._engine.items():
+            values[name] = self._times(pid)[0] if pid else 0.0
+        return values
+
+    @staticmethod
+    def per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> str:
+        return ", ".join(f"{k} {(after[k] - before[k]) / jobs * 1000:.0f}" for k in before)
+
+
+def _pid_of(name: str) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
 def _verdict(ratio: float) -> str:
     return "met" if ratio <= GOAL else "NOT met"
 
@@ -191,22 +237,28 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         )
 
         ratios: list[float] = []
+        meter = CpuMeter()
         for round_ in range(args.rounds):
+            cpu_before = meter.read()
             started = time.monotonic()
             per_client = args.jobs // args.concurrency
             await defer.DeferredList(
                 [defer.Deferred.fromCoroutine(bench.batch(per_client)) for _ in range(args.concurrency)]
             )
             worker_batch = time.monotonic() - started
+            cpu_worker = meter.read()
             docker_batch = await defer.Deferred.fromCoroutine(
                 _thread(docker_run_parallel, image, io_dir, args.jobs, args.concurrency)
             )
+            cpu_docker = meter.read()
             ratios.append(worker_batch / docker_batch)
             print(
                 f"P2 round {round_ + 1}, {args.jobs} jobs at concurrency {args.concurrency}: "
                 f"worker {worker_batch:.2f} s, xargs -P{args.concurrency} docker run --rm {docker_batch:.2f} s, "
                 f"ratio {ratios[-1]:.2f}"
             )
+            print(f"   CPU ms per job, worker side: {CpuMeter.per_job(cpu_before, cpu_worker, args.jobs)}")
+            print(f"   CPU ms per job, docker side: {CpuMeter.per_job(cpu_worker, cpu_docker, args.jobs)}")
         p2 = statistics.median(ratios)
         print(f"P2 ratio: min {min(ratios):.2f}, median {p2:.2f}  (goal <= {GOAL}: {_verdict(p2)})")
         print(f"load average (1 min) before/after the timed part: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
