@@ -93,7 +93,8 @@ class Supervisor:
         self._early = self._kit.runtime.wait(self.container_id, before_start=True)
 
     def abandon(self) -> None:
-        """The start failed: drop the waiter of ``expect_start``."""
+        """The start failed (or the job is detached before ``run``): drop the
+        waiter of ``expect_start``."""
         early, self._early = self._early, None
         if early is not None and not early.called:
             early.addErrback(lambda f: None)
@@ -176,6 +177,7 @@ class Supervisor:
         self._detached = True
         self._stop_watching()
         self._follower.stop()
+        self.abandon()  # a waiter registered before the start, if run() never took it
         if self._exited is not None and not self._exited.called:
             self._exited.cancel()
 
