@@ -33,6 +33,10 @@ def _kill(container_id: str, signal: int) -> dict[str, Any]:
     }
 
 
+def _oom(container_id: str) -> dict[str, Any]:
+    return {"Type": "container", "Action": "oom", "Actor": {"ID": container_id, "Attributes": {}}}
+
+
 def _now_exited(code: int) -> dict[str, Any]:
     """Exited just now (FinishedAt far in the future: after any outage start)."""
     return {**_exited(code), "FinishedAt": "2099-01-01T00:00:00Z"}
@@ -109,6 +113,50 @@ async def test_an_exit_found_after_the_stream_came_back_is_the_engine_s(
     api.streams[-1].end()
     status = await within(waiting)
     assert status.engine_stopped
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oom_event_after_the_die_still_makes_an_oom_kill(
+    runtime: tuple[ContainerRuntime, _FakeEngineApi],
+) -> None:
+    rt, api = runtime
+    cid = "b" * 64
+    waiting = await _waiting_on_running(rt, api, cid)
+    with api.lock:
+        api.states[cid] = _now_exited(137)  # OOMKilled not set yet: the oom event comes second
+    api.streams[-1].push(_die(cid, 137))
+    api.streams[-1].push(_oom(cid))
+    status = await within(waiting)
+    assert status.oom_killed and status.exit_code == 137
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oom_event_before_the_die_makes_an_oom_kill(
+    runtime: tuple[ContainerRuntime, _FakeEngineApi],
+) -> None:
+    rt, api = runtime
+    cid = "a" * 64
+    waiting = await _waiting_on_running(rt, api, cid)
+    api.streams[-1].push(_oom(cid))
+    with api.lock:
+        api.states[cid] = _now_exited(137)
+    api.streams[-1].push(_die(cid, 137))
+    status = await within(waiting)
+    assert status.oom_killed
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sigkill_exit_without_an_oom_event_is_a_plain_exit(
+    runtime: tuple[ContainerRuntime, _FakeEngineApi],
+) -> None:
+    rt, api = runtime
+    cid = "9" * 64
+    waiting = await _waiting_on_running(rt, api, cid)
+    with api.lock:
+        api.states[cid] = _now_exited(137)  # the job killed itself with SIGKILL
+    api.streams[-1].push(_die(cid, 137))
+    status = await within(waiting)
+    assert not status.oom_killed and status.exit_code == 137
 
 
 @pytest_twisted.ensureDeferred

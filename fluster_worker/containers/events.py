@@ -21,6 +21,9 @@ stopped it. An engine that dies without that ceremony (SIGKILL, a crash) kills t
 containers when it starts again: an exit found only after the stream came back,
 that happened after the stream was lost, is the engine's too (unless the engine
 runs with live-restore, which keeps containers running through its restarts).
+
+A memory-limit kill also comes as an ``oom`` event, before or after its ``die``;
+a SIGKILL exit that we did not send waits a moment for it (``_OOM_EVENT_WAIT_S``).
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ _RECHECK_DELAY = 1.0
 _KILL_MEMORY_S = 30.0
 # How long before the stream was lost an exit still counts as the engine's.
 _OUTAGE_MARGIN_MS = 1000
+# A memory-limit kill is reported twice: the ``die`` (code 137) and an ``oom``
+# event, in either order. When the ``oom`` comes second, the inspect after the
+# ``die`` still says OOMKilled false. So a SIGKILL exit we did not send waits
+# this long for its ``oom`` before it is reported as a plain exit.
+_OOM_EVENT_WAIT_S = 1.0
 
 
 class ExitWatcher:
@@ -99,6 +107,11 @@ class ExitWatcher:
         # Containers whose exit the engine reported (a die event or an exited
         # inspect), until they are removed: they are known not to run.
         self._died: set[str] = set()
+        # OOM reporting (see _OOM_EVENT_WAIT_S): containers an ``oom`` event named,
+        # those we sent a SIGKILL (their 137 is ours), and exits waiting for an ``oom``.
+        self._oom_seen: set[str] = set()
+        self._sigkills_sent: set[str] = set()
+        self._oom_waits: dict[str, tuple[IDelayedCall, ExitStatus]] = {}
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
@@ -134,6 +147,8 @@ class ExitWatcher:
     def forget(self, container_id: str) -> None:
         """The container is being removed: forget its exit."""
         self._died.discard(container_id)
+        self._oom_seen.discard(container_id)
+        self._sigkills_sent.discard(container_id)
 
     def expect_kill(self, container_id: str, signal_name: str) -> None:
         """We are about to signal the container: its kill event is ours."""
@@ -141,6 +156,8 @@ class ExitWatcher:
             number = str(int(_signal.Signals[signal_name]))
         except KeyError:
             return
+        if signal_name == "SIGKILL":
+            self._sigkills_sent.add(container_id)
         until = self._reactor.seconds() + _KILL_MEMORY_S
         self._expected_kills.setdefault(container_id, []).append((number, until))
 
@@ -213,11 +230,35 @@ class ExitWatcher:
             self._release(container_id, replace(status, engine_stopped=True))
             return
         if kill is None or self._reactor.seconds() - kill[0] > _KILL_MEMORY_S:
-            self._release(container_id, status)
+            self._release_unless_oom_may_follow(container_id, status)
             return
         # Stopped by someone else: the engine, if its stream goes away now.
         call = self._reactor.callLater(self._settle_s, self._settled, container_id, status, kill[1])
         self._settling.add(call)
+
+    def _release_unless_oom_may_follow(self, container_id: str, status: ExitStatus) -> None:
+        if container_id in self._oom_seen:
+            status = replace(status, oom_killed=True)
+        if status.oom_killed or status.exit_code != 137 or container_id in self._sigkills_sent:
+            self._release(container_id, status)
+            return
+        call = self._reactor.callLater(_OOM_EVENT_WAIT_S, self._oom_wait_over, container_id)
+        self._oom_waits[container_id] = (call, status)
+
+    def _oom_wait_over(self, container_id: str) -> None:
+        waiting = self._oom_waits.pop(container_id, None)
+        if waiting is not None and self.state == "running":
+            self._release(container_id, waiting[1])
+
+    def _oom_seen_now(self, container_id: str) -> None:
+        if container_id not in self._waiters:
+            return  # nobody waits for it: nothing to report
+        self._oom_seen.add(container_id)
+        waiting = self._oom_waits.pop(container_id, None)
+        if waiting is not None:
+            call, status = waiting
+            call.cancel()
+            self._release(container_id, replace(status, oom_killed=True))
 
     def _engine_went_away(self, breaks: int) -> bool:
         return self.health.breaks != breaks or not self.health.up
@@ -233,6 +274,8 @@ class ExitWatcher:
         self._died.add(container_id)
         self._foreign_kills.pop(container_id, None)
         self._expected_kills.pop(container_id, None)
+        self._oom_seen.discard(container_id)
+        self._sigkills_sent.discard(container_id)
         self._on_release(container_id)
         for d in self._waiters.pop(container_id, []):
             d.callback(status)
@@ -268,8 +311,12 @@ class ExitWatcher:
             for call in self._rechecks | self._settling:
                 if call.active():
                     call.cancel()
+            for call, _status in self._oom_waits.values():
+                if call.active():
+                    call.cancel()
             self._rechecks.clear()
             self._settling.clear()
+            self._oom_waits.clear()
             for container_id in list(self._waiters):
                 self.fail_waiters(
                     container_id,
@@ -307,6 +354,9 @@ class ExitWatcher:
         attributes = actor.get("Attributes") or {}
         if action == "kill" and isinstance(container_id, str):
             self._kill_seen(container_id, str(attributes.get("signal", "")))
+            return
+        if action == "oom" and isinstance(container_id, str):
+            self._oom_seen_now(container_id)
             return
         if action != "die" or not isinstance(container_id, str):
             return
@@ -347,7 +397,7 @@ class ExitWatcher:
         failures = 0
         filters = {
             "type": "container",
-            "event": ["die", "kill"],
+            "event": ["die", "kill", "oom"],
             "label": f"{WORKER_ID_LABEL}={self.worker_id}",
         }
         try:
