@@ -23,10 +23,11 @@ def media_type(content_type: str | None) -> str | None:
     return base if base in (PROTO, JSON) else None
 
 
-def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo Content-Encoding, never producing more than ``limit`` bytes (gzip bombs)."""
+def _inflate(body: bytes, encoding: str | None, limit: int) -> tuple[bytes, bool] | None:
+    """None for an identity body; else at most ``limit + 1`` bytes of it inflated,
+    and whether the gzip stream ended there (gzip bombs never inflate further)."""
     if not encoding or encoding.strip().lower() == "identity":
-        return body
+        return None
     if encoding.strip().lower() != "gzip":
         raise ConnectError(Code.UNIMPLEMENTED, f"unsupported content encoding: {encoding[:40]!r}")
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -34,9 +35,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         out = inflater.decompress(body, limit + 1)
     except zlib.error as e:
         raise ConnectError(Code.INVALID_ARGUMENT, f"malformed gzip body: {e}") from None
+    return out, inflater.eof
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo Content-Encoding, never producing more than ``limit`` bytes (gzip bombs)."""
+    inflated = _inflate(body, encoding, limit)
+    if inflated is None:
+        return body
+    out, ended = inflated
     if len(out) > limit:
         raise ConnectError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {limit} bytes")
-    if not inflater.eof:
+    if not ended:
         raise ConnectError(Code.INVALID_ARGUMENT, "malformed gzip body: truncated")
     return out
 
@@ -44,18 +54,11 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
 def inflate_small(body: bytes, encoding: str | None, limit: int) -> bytes | None:
     """``body`` decompressed if that is at most ``limit`` bytes, else None (the
     caller then decompresses it in full elsewhere). Never inflates past ``limit``."""
-    if not encoding or encoding.strip().lower() == "identity":
+    inflated = _inflate(body, encoding, limit)
+    if inflated is None:
         return body if len(body) <= limit else None
-    if encoding.strip().lower() != "gzip":
-        raise ConnectError(Code.UNIMPLEMENTED, f"unsupported content encoding: {encoding[:40]!r}")
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as e:
-        raise ConnectError(Code.INVALID_ARGUMENT, f"malformed gzip body: {e}") from None
-    if len(out) > limit or not inflater.eof:
-        return None  # big, or truncated: ``decompress`` tells which
-    return out
+    out, ended = inflated
+    return out if len(out) <= limit and ended else None  # else big, or truncated: ``decompress`` tells which
 
 
 def decode(body: bytes, codec: str, message_type: type[Message]) -> Message:
