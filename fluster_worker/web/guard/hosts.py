@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable
 
 from fluster_worker.host import is_local_host
+from fluster_worker.web.guard.callers import parse_ip
 
 #: A DNS name (labels of letters, digits, "-" and "_"), an IPv4 literal, or a
 #: bracketed IPv6 literal; then an optional port.
@@ -106,15 +107,5 @@ class HostAllowlist:
 
 
 def _same_ip(host: str, local_ip: str) -> bool:
-    try:
-        a = ipaddress.ip_address(host)
-        b = ipaddress.ip_address(local_ip.split("%", 1)[0])
-    except ValueError:
-        return False
-    return _unmapped(a) == _unmapped(b)
-
-
-def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    ip = parse_ip(host)
+    return ip is not None and ip == parse_ip(local_ip)
