@@ -1,13 +1,11 @@
 """JSON job lists (``/api/jobs``, ``/api/v1/jobs``) joined from rows kept per job.
 
 Like the RPC's statuses (statuses.py), each job's row is encoded once per change
-of its record and kept as bytes; a list is the rows joined. A change is seen by
-comparing a key of the fields a row is made of (``wire.status_key`` plus the
-submission time and the devices), so no change is missed, notified or not. A row
-that depends on the time (a running job's duration) is not kept. When many rows
-are missing (the first list after a start), they are encoded on the worker's CPU
-pool, off the reactor: the key is taken first, so a row made from a record that
-changed meanwhile carries an older key and is made again at the next call.
+of its record and kept as bytes by a KeptBytes (kept.py); a list is the rows
+joined. The key is ``wire.status_key`` plus the submission time and the devices,
+so no change is missed, notified or not. A row that depends on the time (a
+running job's duration) is not kept. Many rows to make (the first list after a
+start) are made on the worker's CPU pool, off the reactor.
 """
 
 from __future__ import annotations
@@ -22,9 +20,7 @@ from twisted.web.server import Request
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.jobs.model import JobRecord
 from fluster_worker.web import wire
-
-# Rows to encode that a list encodes inline; past this, on the pool.
-INLINE_MISSES = 32
+from fluster_worker.web.kept import INLINE_MISSES, KeptBytes
 
 
 def _dumps(value: Any) -> bytes:
@@ -53,53 +49,21 @@ class RowCache:
         keeps (to forget the others); ``keep(record)`` whether its row may be
         kept (False for rows that depend on the time)."""
         self._row = row
-        self._known = known
         self._keep = keep
-        self._inline_misses = inline_misses
-        self._rows: dict[str, tuple[JobRecord, tuple[Any, ...], bytes]] = {}
-        self._sweep_at = 256
+        self._kept = KeptBytes(known, inline_misses)
 
     def joined(self, records: Sequence[JobRecord], pool: BlockingPool, prefix: bytes = b"[",
                suffix: bytes = b"]") -> bytes | Deferred[bytes]:
         """``prefix``, the rows of ``records`` joined by commas, ``suffix``."""
-        rows: list[bytes | None] = []
-        missing: list[tuple[int, JobRecord, tuple[Any, ...] | None]] = []
-        for i, record in enumerate(records):
-            key = self._key(record) if self._keep(record) else None
-            kept = self._rows.get(record.job_id) if key is not None else None
-            if kept is not None and kept[0] is record and kept[1] == key:
-                rows.append(kept[2])
-            else:
-                rows.append(None)
-                missing.append((i, record, key))
-        if len(self._rows) > self._sweep_at:
-            known = set(self._known())
-            self._rows = {k: v for k, v in self._rows.items() if k in known}
-            self._sweep_at = 2 * len(self._rows) + 256
+        rows = self._kept.many(records, self._key, self._make, pool)
+        if isinstance(rows, Deferred):
+            return rows.addCallback(lambda made: prefix + b",".join(made) + suffix)
+        return prefix + b",".join(rows) + suffix
 
-        def fill(made: list[bytes | None]) -> bytes:
-            for (i, record, key), data in zip(missing, made, strict=True):
-                if data is None:  # failed on the pool (a record changed under it): made here
-                    data = _dumps(self._row(record))
-                rows[i] = data
-                if key is not None:
-                    self._rows[record.job_id] = (record, key, data)
-            return prefix + b",".join(r for r in rows if r is not None) + suffix
-
-        if len(missing) <= self._inline_misses:
-            return fill([_dumps(self._row(record)) for _, record, _ in missing])
-        return pool.run(_encode_all, self._row, [record for _, record, _ in missing]).addCallback(fill)
-
-    @staticmethod
-    def _key(record: JobRecord) -> tuple[Any, ...]:
+    def _key(self, record: JobRecord) -> tuple[Any, ...] | None:
+        if not self._keep(record):
+            return None
         return (wire.status_key(record), record.submitted_at_ms, tuple(record.devices))
 
-
-def _encode_all(row: Callable[[JobRecord], Any], records: Sequence[JobRecord]) -> list[bytes | None]:
-    out: list[bytes | None] = []
-    for record in records:
-        try:
-            out.append(_dumps(row(record)))
-        except Exception:
-            out.append(None)
-    return out
+    def _make(self, record: JobRecord) -> bytes:
+        return _dumps(self._row(record))
