@@ -294,13 +294,11 @@ async def test_control_needs_an_allowed_address(serve: Any) -> None:
     # Reads stay open by default.
     assert (await served.rpc("ListJobs"))[0] == 200
     assert (await served.get("/job/job-1")).code == 200
-    # The dashboard's kill is a state change too.
-    page = await served.get("/job/job-1")
-    token = re.search(rb'name="token" value="([0-9a-f]+)"', page.body)
-    assert token is not None
+    # The dashboard's kill is a state change too (the gate refuses it before the
+    # form's token is even looked at).
     response = await treq.post(
         f"{served.url}/job/job-1/kill",
-        data={"token": token.group(1).decode(), "confirmed": "yes"},
+        data={"token": "0" * 32, "confirmed": "yes"},
         headers={"Host": [f"127.0.0.1:{served.port}"]},
         persistent=False,
     )
@@ -417,3 +415,73 @@ async def test_a_cookie_over_plain_http_on_a_lan_name_is_not_secure(serve: Any) 
     response = await served.get(f"/?token={TOKEN.decode()}", host="worker.lan:8080")
     [cookie] = response.headers.getRawHeaders(b"set-cookie")
     assert b"secure" not in cookie.lower() and b"httponly" in cookie.lower()
+
+
+# -- the Kill button, shown only to callers the gate lets kill ---------------------
+
+
+def kill_form(body: bytes) -> bool:
+    return b'<form class="kill"' in body and b'action="/job/job-1/kill"' in body
+
+
+async def post_kill(served: Served, token: str, **headers: str) -> Any:
+    response = await treq.post(
+        f"{served.url}/job/job-1/kill",
+        data={"token": token, "confirmed": "yes"},
+        headers={"Host": [f"127.0.0.1:{served.port}"], **{k: [v] for k, v in headers.items()}},
+        allow_redirects=False,
+        persistent=False,
+    )
+    response.body = await response.content()
+    return response
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_caller_who_may_kill_sees_the_button_and_kills(serve: Any) -> None:
+    served: Served = await serve(control=Rule.parse("loopback"))
+    page = await served.get("/job/job-1")
+    assert page.code == 200 and kill_form(page.body)
+    assert b"read-only" not in page.body
+    token = re.search(rb'name="token" value="([0-9a-f]+)"', page.body)
+    assert token is not None
+    response = await post_kill(served, token.group(1).decode())
+    assert response.code == 303, response.body
+    assert served.worker.manager.kills == [("job-1", 5000)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_caller_who_may_not_kill_sees_who_may_instead(serve: Any) -> None:
+    served: Served = await serve(control=Rule.parse("controller,10.0.0.0/8"))
+    page = await served.get("/job/job-1")
+    assert page.code == 200 and not kill_form(page.body)
+    assert b'name="token"' not in page.body  # no kill form token handed out either
+    assert (
+        b"read-only: kills are allowed from the controller, 10.0.0.0/8 (see --allow-control-from), "
+        b"not from 127.0.0.1" in page.body
+    ), page.body
+    # The POST is refused as before.
+    response = await post_kill(served, "0" * 32)
+    assert response.code == 403 and b"is not allowed (see --allow-control-from)" in response.body
+    assert served.worker.manager.kills == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_calling_from_its_network_sees_no_kill_button(serve: Any) -> None:
+    # 127.0.0.0/8 stands in for a bridge subnet, as above: allowed by the rule, refused as a container.
+    served: Served = await serve(control=Rule.parse("*"), container_networks=lambda: ("127.0.0.0/8",))
+    page = await served.get("/job/job-1")
+    assert page.code == 200 and not kill_form(page.body)
+    assert b"read-only: calls from container network 127.0.0.0/8 may not change state" in page.body
+    assert (await post_kill(served, "0" * 32)).code == 403
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_token_the_button_shows_and_the_note_never_names_the_token(serve: Any) -> None:
+    bearer = {"Authorization": "Bearer " + TOKEN.decode()}
+    served: Served = await serve(token=BearerToken(TOKEN))
+    page = await served.get("/job/job-1", **bearer)
+    assert page.code == 200 and kill_form(page.body) and TOKEN not in page.body
+    served = await serve(token=BearerToken(TOKEN), control=Rule.parse("10.0.0.0/8"))
+    page = await served.get("/job/job-1", **bearer)
+    assert page.code == 200 and not kill_form(page.body)
+    assert b"read-only: kills are allowed from 10.0.0.0/8" in page.body and TOKEN not in page.body

@@ -10,7 +10,9 @@ Routes:
   without JavaScript; ``/static/dashboard.js`` then follows the log live.
 - ``POST /job/<id>/kill``: kill, after a confirmation (a confirm page without JS,
   ``confirm()`` with it). Needs the form's token, and a same-origin ``Origin``
-  when the browser sends one.
+  when the browser sends one. The job page shows the Kill button only to
+  callers the access gate would let kill (``guard.control``); others see a
+  one-line note of who may.
 - ``GET /static/<name>``: the CSS and JS, served from memory (no CDN, ever).
 
 Job ids, errors, phases and log lines are hostile: every template is autoescaped,
@@ -40,6 +42,7 @@ from werkzeug.exceptions import HTTPException, NotFound
 from fluster_worker import __version__
 from fluster_worker.jobs.model import JobError, JobRecord
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine
+from fluster_worker.web.guard.control import control_of
 from fluster_worker.web.views import (
     DEFAULT_TAIL,
     MAX_JOBS,
@@ -238,6 +241,7 @@ class Dashboard:
         now = now_ms(self._worker.reactor)
         detail = job_detail(record, now, self._worker.logs)
         total = max((p["offset_ms"] + p["duration_ms"] for p in detail["phases"]), default=0)
+        control = control_of(request)
         return self.render(
             request,
             "job.html",
@@ -250,7 +254,8 @@ class Dashboard:
             log_error=log_error,
             last_seq=lines[-1].seq if lines else -1,
             timeline_total=max(total, 1),
-            token=self.token(job_id),
+            control=control,
+            token=self.token(job_id) if control.allowed else "",
             cpu_max_percent=100 * (record.spec.cpu or self._worker.config.cpu_count),
             memory_limit_mb=(record.spec.memory_bytes or 0) // 2**20,
             now=now,

@@ -76,6 +76,16 @@ class Rule:
             networks=tuple(networks), loopback="loopback" in words, controller="controller" in words
         )
 
+    def describe(self) -> str:
+        """Who the rule allows, in words (``loopback, the controller, 10.0.0.0/8``)."""
+        if self.anyone:
+            return "anywhere"
+        parts = (["loopback"] if self.loopback else []) + (["the controller"] if self.controller else [])
+        shown = [*parts, *(str(n) for n in self.networks[:8])]
+        if len(self.networks) > 8:
+            shown.append(f"{len(self.networks) - 8} more networks")
+        return ", ".join(shown) or "nowhere"
+
     def matches(self, ip: Address, controller: Iterable[Address] = ()) -> bool:
         if self.anyone:
             return True

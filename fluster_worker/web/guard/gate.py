@@ -13,6 +13,10 @@ Wraps the whole app (RPC, pages, JSON API, /metrics). In order:
 A refusal is ``permission_denied`` (HTTP 403) with a one-line reason: a Connect
 error body on RPC paths, a login form on pages when only the token is missing,
 text elsewhere; each is logged through the RefusalLog.
+
+A page the gate lets through also learns whether the same caller could change
+state (``control.control_of``), from the same decision as a POST would get: the
+dashboard shows the Kill button only then.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from fluster_worker.host import is_local_host
+from fluster_worker.web.guard import control
 from fluster_worker.web.guard.callers import Address, ControllerAddresses, Network, Rule, parse_ip
 from fluster_worker.web.guard.hosts import HostAllowlist, host_name
 from fluster_worker.web.guard.token import BearerToken
@@ -89,6 +94,10 @@ class Call:
     changes_state: bool
     rpc: bool
     page: bool
+
+
+#: A state change as a page asks about it: may this caller kill?
+KILL = Call("kill", changes_state=True, rpc=False, page=True)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -171,6 +180,18 @@ class AccessGate(Resource):
             return None
         return _not_allowed(call, str(peer))
 
+    def _control(self, request: Request) -> control.Control:
+        """Whether this caller's state changes would pass, by the same decision
+        (without asking the controller's name again: a page only shows it)."""
+        peer = _peer_ip(request)
+        verdict = self._address_verdict(KILL, peer)
+        if verdict is True:
+            return control.ALLOWED
+        network = self._policy.from_container(peer) if peer is not None else None
+        if network is not None and isinstance(verdict, str):
+            return control.refused(self._policy.control, str(peer), verdict)
+        return control.refused(self._policy.control, str(peer) if peer is not None else "a local socket")
+
     def _controller_may_match(self, call: Call) -> bool:
         policy = self._policy
         if policy.controller is None:
@@ -197,6 +218,8 @@ class AccessGate(Resource):
         if token is None or token.carried_by(request) or (request.path or b"").startswith(STATIC_PREFIX):
             if request.path == LOGIN_PATH:
                 return self._login(request)
+            if call.page and not call.changes_state:
+                control.record(request, self._control(request))
             return self._wrapped.render(request)
         if call.page and request.method in (b"GET", b"HEAD") and request.args and b"token" in request.args:
             given = request.args[b"token"][0]
