@@ -502,15 +502,15 @@ async def test_is_running_asks_the_engine_until_an_exit_is_reported(
 
 
 def test_demultiplexing_the_engine_log_stream() -> None:
-    from fluster_worker.containers.runtime import _demultiplex
+    from fluster_worker.containers.last_logs import demultiplex
 
     def frame(fd: int, data: bytes) -> bytes:
         return bytes([fd, 0, 0, 0]) + len(data).to_bytes(4, "big") + data
 
     raw = frame(1, b"2024-01-01T00:00:00Z out\n") + frame(2, b"err\n") + frame(1, b"more\n") + b"\x01\x00"
-    assert _demultiplex(raw, 1) == b"2024-01-01T00:00:00Z out\nmore\n"
-    assert _demultiplex(raw, 2) == b"err\n"
-    assert _demultiplex(b"", 1) == b""
+    assert demultiplex(raw, 1) == b"2024-01-01T00:00:00Z out\nmore\n"
+    assert demultiplex(raw, 2) == b"err\n"
+    assert demultiplex(b"", 1) == b""
 
 
 @pytest_twisted.ensureDeferred

@@ -14,7 +14,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 
-from fluster_worker.containers.runtime import _Grace
+from fluster_worker.containers.grace import GraceDeadline
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from tests.jobkit import Harness, entrypoint, make_bundle, start_worker, until, worker_config
 from tests.test_jobs_e2e import job
@@ -34,7 +34,7 @@ def trap_sigterm_and_report() -> None:
 
 def test_grace_fires_once_at_its_deadline() -> None:
     clock, fired = Clock(), []
-    grace = _Grace(clock, 10.0, lambda: fired.append(clock.seconds()))
+    grace = GraceDeadline(clock, 10.0, lambda: fired.append(clock.seconds()))
     clock.advance(3)
     grace.arm()  # the SIGTERM went out 3 s late: the deadline stays where it was
     clock.advance(6.9)
@@ -48,7 +48,7 @@ def test_grace_fires_once_at_its_deadline() -> None:
 
 def test_a_shorter_grace_brings_the_sigkill_forward_and_a_longer_one_does_not() -> None:
     clock, fired = Clock(), []
-    grace = _Grace(clock, 600.0, lambda: fired.append(clock.seconds()))
+    grace = GraceDeadline(clock, 600.0, lambda: fired.append(clock.seconds()))
     grace.arm()
     clock.advance(5)
     grace.shorten(1000.0)  # later: ignored
@@ -60,7 +60,7 @@ def test_a_shorter_grace_brings_the_sigkill_forward_and_a_longer_one_does_not() 
 
 def test_shortened_before_the_sigterm_is_delivered() -> None:
     clock, fired = Clock(), []
-    grace = _Grace(clock, 600.0, lambda: fired.append(clock.seconds()))
+    grace = GraceDeadline(clock, 600.0, lambda: fired.append(clock.seconds()))
     grace.shorten(2.0)
     clock.advance(1)
     grace.arm()
@@ -72,7 +72,7 @@ def test_shortened_before_the_sigterm_is_delivered() -> None:
 
 def test_a_cancelled_grace_never_fires() -> None:
     clock, fired = Clock(), []
-    grace = _Grace(clock, 1.0, lambda: fired.append(1))
+    grace = GraceDeadline(clock, 1.0, lambda: fired.append(1))
     grace.arm()
     grace.cancel()
     grace.shorten(0)

@@ -7,9 +7,10 @@ the events thread that detects exits, ``stopService`` closes its stream so that 
 thread ends, and returns a Deferred that fires once it has.
 
 The parts live in their own modules, and what callers use is re-exported here:
-container_spec (ContainerSpec, Mount, container names), container_status (ExitStatus,
-UsageSample, read from the engine's answers), container_engine (the docker client,
-pool calls, ContainerError) and container_events (exit waiters and the events thread).
+spec (ContainerSpec, Mount, container names), status (ExitStatus, UsageSample, read
+from the engine's answers), engine (the docker client, pool calls, ContainerError),
+events (exit waiters and the events thread), creation (the create call and its host
+config), termination (SIGTERM, a grace, SIGKILL) and last_logs (the last log entries).
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ import docker.errors
 import docker.types
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.common.text import one_line
 from fluster_worker.common.threads import BlockingPool
+from fluster_worker.containers.creation import create_container, device_start_error
 from fluster_worker.containers.engine import ContainerError, Engine
 from fluster_worker.containers.events import ExitWatcher
 from fluster_worker.containers.health import EngineHealth
 from fluster_worker.containers.inventory import ContainerInfo, container_infos
+from fluster_worker.containers.last_logs import last_entries
 from fluster_worker.containers.spec import (
     ATTEMPT_ID_LABEL,
     JOB_ID_LABEL,
@@ -46,6 +48,7 @@ from fluster_worker.containers.spec import (
     sanitize_name_part,
 )
 from fluster_worker.containers.status import ExitStatus, SampleState, UsageSample, usage_sample
+from fluster_worker.containers.termination import Terminations, send_signal
 
 __all__ = [
     "ATTEMPT_ID_LABEL",
@@ -93,14 +96,13 @@ class ContainerRuntime(Service):
         self.worker_id = worker_id
         self._engine = Engine(pool, client_factory)
         self._samples: dict[str, SampleState] = {}
-        # Terminations under way, by the id terminate() was given.
-        self._graces: dict[str, _Grace] = {}
         # Exit waiters and the events thread; its state is the service's:
         # "stopped" -> "running" -> "stopping" -> "stopped".
         self.health = EngineHealth(reactor)
         self._exits = ExitWatcher(
             reactor, self._engine, worker_id, self._forget_sample, self.health, settle_s=exit_settle_s
         )
+        self._terminations = Terminations(reactor, self._engine, self._exits, self.wait, self.signal)
 
     # -- plumbing -----------------------------------------------------------
 
@@ -125,86 +127,12 @@ class ContainerRuntime(Service):
 
     def create(self, spec: ContainerSpec) -> Deferred[str]:
         """Create (not start) the container; fires with its full id."""
-        labels = dict(spec.labels)
-        if labels.get(WORKER_ID_LABEL, self.worker_id) != self.worker_id:
-            return fail(
-                ContainerError(
-                    f"container create failed: label {WORKER_ID_LABEL}="
-                    f"{labels[WORKER_ID_LABEL][:64]!r} is not this worker's id"
-                )
-            )
-        labels[WORKER_ID_LABEL] = self.worker_id
-
-        def create(api: Any) -> str:
-            host_config = api.create_host_config(
-                init=True,
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                pids_limit=spec.pids_limit,
-                extra_hosts={"host.docker.internal": "host-gateway"},
-                port_bindings={c: ("0.0.0.0", h) for c, h in spec.ports.items()},
-                mounts=[
-                    docker.types.Mount(
-                        target=m.target, source=str(m.source), type="bind", read_only=m.read_only
-                    )
-                    for m in spec.mounts
-                ],
-                nano_cpus=spec.nano_cpus,
-                mem_limit=spec.memory_bytes,
-                memswap_limit=spec.memory_bytes,
-                auto_remove=False,
-                **_device_options(spec),
-                read_only=spec.read_only_rootfs,
-                log_config=_log_config(spec.log_max_bytes),
-            )
-            result = api.create_container(
-                spec.image,
-                command=list(spec.command),
-                name=spec.name,
-                environment=dict(spec.env),
-                labels=labels,
-                working_dir=spec.working_dir,
-                ports=list(spec.ports),
-                tty=False,
-                stdin_open=False,
-                host_config=host_config,
-                user=spec.user or None,
-                # The job's env is exactly what the spec says, not the worker's proxies.
-                use_config_proxy=False,
-            )
-            return cast(str, result["Id"])
-
-        return self._call("container create", create).addErrback(self._remove_half_created, spec.name)
-
-    def _remove_half_created(self, failure: Failure, name: str) -> Deferred[str]:
-        """A create that failed or timed out may still have left a container
-        (the engine finishes what the client gave up on): remove it if it is
-        ours and was never started. Not after a name conflict: that container
-        is another attempt's. Fails with the create's error in any case."""
-        error = failure.value
-        cause = error.__cause__ if isinstance(error, ContainerError) else error
-        if isinstance(cause, docker.errors.APIError) and cause.status_code == 409:
-            return fail(failure)
-
-        def remove(api: Any) -> None:
-            try:
-                info = api.inspect_container(name)
-            except docker.errors.NotFound:
-                return
-            labels = info.get("Config", {}).get("Labels") or {}
-            if labels.get(WORKER_ID_LABEL) == self.worker_id and info["State"].get("Status") == "created":
-                log.warn("removing container {name} left by a failed create", name=name)
-                api.remove_container(info["Id"], force=True)
-
-        def done(_: object) -> Deferred[str]:
-            return fail(failure)
-
-        return self._call("container remove", remove).addBoth(done)
+        return create_container(self._engine, self.worker_id, spec)
 
     def start(self, container_id: str) -> Deferred[None]:
         """Start a created container. An engine that cannot hand out the GPUs the
         container asks for says so: "the Docker engine has no GPU runtime"."""
-        return self._call("container start", lambda api: api.start(container_id)).addErrback(_device_start_error)
+        return self._call("container start", lambda api: api.start(container_id)).addErrback(device_start_error)
 
     def signal(self, container_id: str, sig: str) -> Deferred[None]:
         """Send ``sig`` ("SIGTERM", "SIGKILL", ...) to the container's init. A container
@@ -212,7 +140,7 @@ class ContainerRuntime(Service):
         if sig not in _signal.Signals.__members__:
             return fail(ValueError(f"unknown signal {sig[:20]!r}"))
         self._exits.expect_kill(container_id, sig)
-        return self._call(f"container {sig}", _kill, container_id, sig).addCallback(
+        return self._call(f"container {sig}", send_signal, container_id, sig).addCallback(
             lambda _: None
         )
 
@@ -314,7 +242,7 @@ class ContainerRuntime(Service):
         the entries of both streams together, as ``docker logs --tail`` does,
         whichever streams are asked for.)"""
 
-        return self._call("container logs", _last_entries, container_id, count)
+        return self._call("container logs", last_entries, container_id, count)
 
     # -- usage ----------------------------------------------------------------
 
@@ -382,47 +310,7 @@ class ContainerRuntime(Service):
             return fail(
                 ContainerError("container terminate failed: the container runtime is not running")
             )
-        pending = self._graces.get(container_id)
-        if pending is not None:
-            pending.shorten(grace_seconds)
-            return self.wait(container_id)
-        grace = _Grace(self._reactor, grace_seconds, lambda: self._kill_after_grace(container_id))
-        self._graces[container_id] = grace
-
-        async def run() -> ExitStatus:
-            exited = self.wait(container_id)  # registered before the signal: no race
-            try:
-                self._exits.expect_kill(container_id, "SIGTERM")
-                sent = await self._call("container SIGTERM", _kill, container_id, "SIGTERM")
-                if on_sigterm is not None:
-                    on_sigterm(sent)
-                if not sent and not exited.called:
-                    # Not running: exited (the waiter sees it) or never started.
-                    info = await self._call(
-                        "container inspect", lambda api: api.inspect_container(container_id)
-                    )
-                    if info["State"].get("Status") == "created":
-                        raise ContainerError(
-                            f"container terminate failed: {container_id[:64]} was never started"
-                        )
-                if not exited.called:
-                    grace.arm()
-                return await exited
-            finally:
-                grace.cancel()
-                if self._graces.get(container_id) is grace:
-                    del self._graces[container_id]
-                if not exited.called:
-                    exited.cancel()
-                    exited.addErrback(lambda _: None)
-
-        return Deferred.fromCoroutine(run())
-
-    def _kill_after_grace(self, container_id: str) -> None:
-        log.info("container {id} outlived its grace period: SIGKILL", id=container_id[:12])
-        self.signal(container_id, "SIGKILL").addErrback(
-            lambda f: log.failure("SIGKILL of {id} failed", f, id=container_id[:12])
-        )
+        return self._terminations.terminate(container_id, grace_seconds, on_sigterm)
 
     # -- service ----------------------------------------------------------------
 
@@ -441,97 +329,6 @@ class ContainerRuntime(Service):
         return self._exits.stop()
 
 
-class _Grace:
-    """The SIGKILL deadline of one termination: set when the SIGTERM has been
-    delivered (``arm``), and only ever brought forward (``shorten``)."""
-
-    def __init__(self, reactor: IReactorTime, grace_seconds: float, expire: Callable[[], None]) -> None:
-        self._reactor = reactor
-        self._expire = expire
-        self._deadline = reactor.seconds() + max(0.0, grace_seconds)
-        self._timer: IDelayedCall | None = None
-        self._done = False
-
-    def arm(self) -> None:
-        if not self._done and self._timer is None:
-            self._timer = self._reactor.callLater(max(0.0, self._deadline - self._reactor.seconds()), self._fire)
-
-    def shorten(self, grace_seconds: float) -> None:
-        deadline = self._reactor.seconds() + max(0.0, grace_seconds)
-        if self._done or deadline >= self._deadline:
-            return
-        self._deadline = deadline
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(max(0.0, deadline - self._reactor.seconds()))
-
-    def cancel(self) -> None:
-        self._done = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-
-    def _fire(self) -> None:
-        self._done = True
-        self._expire()
-
-
-def _device_options(spec: ContainerSpec) -> dict[str, Any]:
-    """The host config of a spec's devices: an nvidia device request for exactly its
-    GPU ids, its device nodes (read, write, mknod), their groups, /dev/shm, memlock."""
-    options: dict[str, Any] = {}
-    if spec.gpu_ids:
-        options["device_requests"] = [
-            docker.types.DeviceRequest(driver="nvidia", device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])
-        ]
-    if spec.devices:
-        options["devices"] = [f"{path}:{path}:rwm" for path in spec.devices]
-    if spec.group_add:
-        options["group_add"] = [str(gid) for gid in spec.group_add]
-    if spec.shm_size_bytes is not None:
-        options["shm_size"] = spec.shm_size_bytes
-    if spec.memlock_unlimited:
-        options["ulimits"] = [docker.types.Ulimit(name="memlock", soft=-1, hard=-1)]
-    return options
-
-
-# What the engine says when no runtime can take a device request (no NVIDIA
-# Container Toolkit): 'could not select device driver "nvidia" with capabilities: [[gpu]]'.
-_NO_DEVICE_DRIVER = "could not select device driver"
-
-
-# What runc says when the engine may not raise a limit above its own hard limit
-# (it lacks CAP_SYS_RESOURCE): "error setting rlimit type 8: operation not permitted".
-_RLIMIT_MEMLOCK = "error setting rlimit type 8"
-
-
-def _device_start_error(failure: Failure) -> Failure:
-    """Say in one line what the engine cannot do for the container's devices."""
-    error = failure.value
-    if not isinstance(error, ContainerError):
-        return failure
-    text = str(error)
-    if _NO_DEVICE_DRIVER in text:
-        cause = one_line(text[text.index(_NO_DEVICE_DRIVER) :], 200)
-        raise ContainerError(
-            "container start failed: the Docker engine has no GPU runtime "
-            f"(install the NVIDIA Container Toolkit): {cause}"
-        ) from error
-    if _RLIMIT_MEMLOCK in text:
-        cause = one_line(text[text.index(_RLIMIT_MEMLOCK) :], 200)
-        raise ContainerError(
-            "container start failed: the Docker engine may not raise the locked-memory limit "
-            f"(RLIMIT_MEMLOCK; it lacks CAP_SYS_RESOURCE): {cause}"
-        ) from error
-    return failure
-
-
-def _log_config(max_bytes: int | None) -> docker.types.LogConfig | None:
-    """json-file, at most two files of ``max_bytes``: the engine keeps about what
-    the worker keeps of a job (a cap per stream), and ``docker logs`` reads it."""
-    if max_bytes is None:
-        return None
-    return docker.types.LogConfig(type="json-file", config={"max-size": str(max_bytes), "max-file": "2"})
-
-
 def _remove_started(api: Any, container_id: str) -> None:
     """Force-remove a container known to have started (pool thread)."""
     try:
@@ -542,48 +339,6 @@ def _remove_started(api: Any, container_id: str) -> None:
         # 409 Conflict: "removal of container ... is already in progress".
         if e.status_code != 409 or "already in progress" not in str(e.explanation):
             raise
-
-
-def _last_entries(api: Any, container_id: str, count: int) -> dict[int, bytes]:
-    """The last ``count`` timestamped entries (pool thread), per stream, as
-    ``docker logs --tail`` prints them. One request for both streams: docker-py's
-    ``logs`` would take one per stream, each after an inspect to learn whether
-    the container has a TTY; ours never do (``tty=False`` at create), so the
-    answer is always multiplexed."""
-    params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": 0, "tail": count}
-    response = api._get(api._url("/containers/{0}/logs", container_id), params=params)
-    api._raise_for_status(response)
-    data = response.content
-    return {fd: _demultiplex(data, fd) for fd in (1, 2)}
-
-
-def _demultiplex(data: bytes, fd: int) -> bytes:
-    """The payload of stream ``fd`` in Docker's multiplexed log format: frames
-    of an 8-byte header (stream, 0, 0, 0, big-endian length) and the data."""
-    out = bytearray()
-    offset = 0
-    while offset + 8 <= len(data):
-        stream = data[offset]
-        size = int.from_bytes(data[offset + 4 : offset + 8], "big")
-        payload = data[offset + 8 : offset + 8 + size]
-        if stream == fd:
-            out += payload
-        offset += 8 + size
-    return bytes(out)
-
-
-def _kill(api: Any, container_id: str, sig: str) -> bool:
-    """Signal the container (pool thread); False when it is gone or not running."""
-    try:
-        api.kill(container_id, signal=sig)
-    except docker.errors.NotFound:
-        return False
-    except docker.errors.APIError as e:
-        # 409 Conflict: "Container ... is not running".
-        if e.status_code != 409:
-            raise
-        return False
-    return True
 
 
 def _first_error(failure: Failure) -> Failure:

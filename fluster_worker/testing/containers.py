@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 
+from fluster_worker.containers.grace import GraceDeadline
 from fluster_worker.containers.runtime import (
     ATTEMPT_ID_LABEL,
     JOB_ID_LABEL,
@@ -53,7 +54,6 @@ from fluster_worker.testing.container import (
     FakeContainer,
     Hold,
 )
-from fluster_worker.testing.grace import GraceDeadline
 from fluster_worker.testing.logs import docker_line
 
 T = TypeVar("T")
