@@ -1,19 +1,23 @@
-"""The ``docker logs`` child processes of a LogFollower (tail.py): the protocol
-of the tail itself, the one that reads a container's last entries, and the
-environment they run in (what the CLI needs from ours, nothing else)."""
+"""The ``docker logs`` child processes of a LogFollower (tail.py): how they are
+run for one container (``DockerLogsCli``: the command line, an optional wrapper,
+the environment: what the CLI needs from ours, nothing else), the protocol of
+the tail itself, and the one that reads a container's last entries."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from fluster_worker.logs.lines import format_since
 
 _ENV_KEYS = (
     "PATH",
@@ -26,6 +30,9 @@ _ENV_KEYS = (
     "XDG_RUNTIME_DIR",
 )
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_CHILD_FDS = {0: "w", 1: "r", 2: "r"}
+
+log = Logger()
 
 
 def death_signal_prefix() -> list[str]:
@@ -87,6 +94,16 @@ class TailProtocol(ProcessProtocol):
                 transport: Any = self.transport
                 transport.resumeProducing()
 
+    def kill(self) -> None:
+        """SIGKILL the process; one already gone is fine (its processEnded is on its way)."""
+        transport: Any = self.transport
+        if transport is None:
+            return
+        try:
+            transport.signalProcess("KILL")
+        except Exception:
+            pass
+
 
 class LastEntriesProtocol(ProcessProtocol):
     """Collects the output of ``docker logs --tail N`` (at most 4 MiB a stream)."""
@@ -111,3 +128,53 @@ class LastEntriesProtocol(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self.done.callback(reason.check(ProcessDone) is not None and not self.overflow)
+
+
+class DockerLogsCli:
+    """``docker logs`` for one container: spawned by the injected
+    ``spawnProcess``-compatible callable with an absolute docker path, an
+    explicit environment and, when given, under ``command_prefix`` (e.g.
+    ``setpriv --pdeathsig KILL --``, so that no tail outlives its worker)."""
+
+    def __init__(
+        self,
+        spawn_process: Callable[..., Any],
+        docker_path: str,
+        container_id: str,
+        env: dict[str, str],
+        command_prefix: Sequence[str] = (),
+    ) -> None:
+        self.docker_path = docker_path
+        self._spawn = spawn_process
+        self._container_id = container_id
+        self._env = env
+        self._prefix = list(command_prefix)
+
+    def tail_args(self, follow: bool, since: int | None) -> list[str]:
+        """The tail's command line: ``--follow`` unless the container has
+        exited, from ``since`` (ns) when given."""
+        args = [self.docker_path, "logs", "--timestamps"]
+        if follow:
+            args.insert(2, "--follow")
+        if since is not None:
+            args += ["--since", format_since(since)]
+        return [*args, "--", self._container_id]
+
+    def spawn(self, protocol: Any, args: list[str]) -> None:
+        """Run ``args`` (a docker command line) with ``protocol``."""
+        if self._prefix:
+            self._spawn(protocol, self._prefix[0], [*self._prefix, *args], env=self._env, childFDs=_CHILD_FDS)
+        else:
+            self._spawn(protocol, self.docker_path, args, env=self._env, childFDs=_CHILD_FDS)
+
+    async def last_entries(self, count: int) -> dict[int, bytes] | None:
+        """The container's last ``count`` timestamped entries per stream
+        (``docker logs --tail``), or None when unknown."""
+        check = LastEntriesProtocol()
+        args = [self.docker_path, "logs", "--tail", str(count), "--timestamps", "--", self._container_id]
+        try:
+            self.spawn(check, args)
+        except Exception:
+            log.failure("spawning docker logs --tail for {cid} failed", cid=self._container_id)
+            return None
+        return check.output if await check.done else None

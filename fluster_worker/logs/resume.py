@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import itertools
 import operator
+from collections.abc import Collection
 
+from fluster_worker.logs.joblog import JobLog
 from fluster_worker.logs.lines import StreamParser
 
 CHECK_LINES = 16  # entries compared when the container has exited
@@ -156,3 +158,33 @@ class StreamCursor:
         if k == 0 or window[-k:] != self.recent[-k:]:
             return False
         return sum(1 for ts, _ in window if ts == self.last_ts) <= self.count
+
+
+async def resume_streams(job_log: JobLog, streams: Collection[StreamCursor], margin_ns: int) -> int | None:
+    """Resume ``streams`` from what ``job_log`` holds (a restarted worker): the
+    fixed ``--since`` the tail starts at, ``margin_ns`` before the oldest
+    stream's last stored line, each stream counting the lines stored from that
+    moment on (see the module doc); None when no stream has a stored line."""
+    stored = []
+    for stream in streams:
+        point = await job_log.resume_point(stream.source)
+        if point is not None:
+            stored.append(point[0])
+    if not stored:
+        return None
+    since = max(min(stored) - margin_ns, 0)
+    for stream in streams:
+        stream.resume(await job_log.lines_since(stream.source, since))
+    return since
+
+
+def tail_since(streams: Collection[StreamCursor], resume_since: int | None, margin_ns: int) -> int | None:
+    """Where a (re)started tail starts (``--since``, ns): the fixed resume
+    moment while a stream still counts, else ``margin_ns`` before the oldest of
+    the streams' last stored lines; None (from the start) when none has one."""
+    if resume_since is not None and any(s.counting for s in streams):
+        return resume_since
+    known = [s.last_ts for s in streams if s.last_ts is not None]
+    if known:
+        return max(min(known) - margin_ns, 0)
+    return None

@@ -1,58 +1,44 @@
 """LogFollower: a running container's output into its JobLog, through
 ``docker logs --follow --timestamps``, with no line lost and none stored twice.
 
-The tail is a child process (spawned by the injected ``spawnProcess``-compatible
-callable, with an absolute docker path and an explicit environment); the
-container's stdout arrives on its stdout and the container's stderr on its stderr
-(containers have no TTY). Each stream has its own StreamParser (lines.py).
+The tail is a child process (docker_cli.py: spawned by the injected
+``spawnProcess``-compatible callable, with an absolute docker path and an explicit
+environment); the container's stdout arrives on its stdout and the container's
+stderr on its stderr (containers have no TTY). Each stream has its own
+StreamParser (lines.py) and StreamCursor (resume.py).
 
-No gap, no duplicate: the follower remembers, per stream, the timestamp of the
-last line it stored and how many stored lines of that stream carry it. When the
-tail ends:
+No gap, no duplicate: per stream, the cursor remembers the timestamp of the last
+line stored and how many stored lines carry it. When the tail ends:
 
 * exit 0 means the container's output ended: the unfinished last line (output
   without a final newline) is a line, and ``is_running()`` is asked. If the
   container still runs, the tail is restarted (below). If not, the follower
-  checks that the container's last log entries (``docker logs --tail 16
-  --timestamps``) end each stream as its stored lines do: Docker 20.10's ``logs
-  -f`` sometimes exits 0 before it has sent everything when a container exits
-  while the tail lags behind. Docker sends entries in file order, so the last
-  one being stored means all are; otherwise (or when unsure) one more tail,
-  without ``--follow``, reads the rest. Then the JobLog is flushed (fdatasync)
-  and ``follow()``'s Deferred fires. Only then may the container be removed.
+  checks that the container's last log entries end each stream as its stored
+  lines do (last_entries.py); otherwise (or when unsure) one more tail, without
+  ``--follow``, reads the rest. Then the JobLog is flushed (fdatasync) and
+  ``follow()``'s Deferred fires. Only then may the container be removed.
 * otherwise (killed, daemon error) the unfinished line is dropped, and the tail is
   restarted with ``--since`` = the oldest of the streams' last timestamps minus
   ``resume_margin_s`` (1 s: a stream with no line yet may have one stamped a little
-  before the other stream's last line). Per stream, re-delivered lines older than
-  its last stored timestamp are skipped, then as many lines with exactly that
-  timestamp as were stored, and everything after is stored. This relies on each
-  stream's timestamps never decreasing (Docker stamps them in order; a backwards
-  step of the host clock during a restart could duplicate a few lines).
+  before the other stream's last line); each cursor skips what its stream
+  already stored. This relies on each stream's timestamps never decreasing
+  (a backwards step of the host clock during a restart could duplicate a few lines).
 
 A follower started on a JobLog that already has container lines (a worker restart)
-resumes from what the store holds: its tail starts ``resume_margin_s`` before the
-oldest stream's last stored line, and per stream the lines stored from that
-moment on are counted and skipped (resume.py: their stored timestamps may have
-been moved).
+resumes from what the store holds (resume.py, ``resume_streams``).
 
-Restarts that store nothing and end badly back off (0.1 s doubling to 5 s); after
-``max_failures`` of them in a row ``follow()`` fails with LogTailError, naming the
-CLI's last message. While the engine is away (``engine_ready`` has not fired)
-the follower waits for it instead, and its failures start again from zero: an
-engine restart is no reason to give up a container's logs. ``stop()`` (worker
-shutdown) kills the tail; ``follow()`` then fails with FollowStopped once the
-lines received so far are flushed.
+Restarts back off and wait for an engine that is away (restarts.py); after
+``max_failures`` in a row ``follow()`` fails with LogTailError, naming the CLI's
+last message. ``stop()`` (worker shutdown) kills the tail; ``follow()`` then
+fails with FollowStopped once the lines received so far are flushed.
 
 ``command_prefix`` runs the CLI under a wrapper, e.g. ``setpriv --pdeathsig KILL
 --`` so that no tail outlives a worker that dies without stopping it.
 
-Back-pressure: while more than ``max_pending_bytes`` appended bytes wait for the
-disk (the writer is behind), the tail's pipes are not read (so memory stays
-bounded and Docker waits); nor while the followers' shared budget of reactor
-time is spent (ingest.py), so that a log flood cannot starve the RPC.
-Batching: the docker CLI writes each log message with its own write(); after a
-read that drained a pipe, reading pauses for ``read_delay_s`` (5 ms) so that the
-next reads find full pipes (the reactor wakes up per 8 KiB, not per line).
+Back-pressure and batching (read_pacing.py): the tail's pipes are not read while
+more than ``max_pending_bytes`` wait for the disk, while the followers' shared
+budget of reactor time is spent, and for ``read_delay_s`` (5 ms) after a read
+that drained a pipe.
 """
 
 from __future__ import annotations
@@ -63,27 +49,21 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessDone
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.waiters import Waiters
-from fluster_worker.logs.docker_cli import LastEntriesProtocol, TailProtocol, default_env
+from fluster_worker.logs.docker_cli import DockerLogsCli, TailProtocol, default_env
 from fluster_worker.logs.ingest import IngestBudget
 from fluster_worker.logs.joblog import JobLog
-from fluster_worker.logs.lines import StreamParser, format_since
+from fluster_worker.logs.last_entries import LastEntries, all_stored, newer_entry
 from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
-from fluster_worker.logs.resume import CHECK_LINES, StreamCursor
+from fluster_worker.logs.read_pacing import pace_reads
+from fluster_worker.logs.restarts import TailRestarts
+from fluster_worker.logs.resume import CHECK_LINES, StreamCursor, resume_streams, tail_since
 from fluster_worker.logs.stall import StallWatch
 
 _FDS = {1: "stdout", 2: "stderr"}
-_CHILD_FDS = {0: "w", 1: "r", 2: "r"}
-_FULL_READ = 8192  # what Twisted's process reader asks for at a time
-
-
-# Restarts of a dead `docker logs`: at once, then 0.1 s doubling up to 5 s.
-_RESTART = Backoff(initial_s=0.1, max_s=5.0, factor=2.0, jitter=0.0)
 
 
 class LogTailError(Exception):
@@ -121,42 +101,34 @@ class LogFollower:
         stall_s: float | None = None,
         budget: IngestBudget | None = None,
     ) -> None:
-        """``last_entries(n)``, when given, fetches the container's last ``n``
-        timestamped entries per stream ({1: stdout bytes, 2: stderr bytes}, as
-        ``docker logs --tail n --timestamps`` prints them) without a process,
-        e.g. through the Docker API on a thread pool; else the CLI is spawned.
-        ``budget`` is the reactor time parsing may take, shared with the other
-        followers (ingest.py); by default the one of ``job_log``'s store."""
+        """``last_entries(n)``: see last_entries.py. ``budget`` is the reactor
+        time parsing may take, shared with the other followers (ingest.py); by
+        default the one of ``job_log``'s store."""
         if not os.path.isabs(docker_path):
             raise ValueError(f"docker_path must be absolute, not {docker_path!r}")
         if not container_id or container_id.startswith("-") or not container_id.isprintable():
             raise ValueError(f"invalid container id {container_id[:80]!r}")
         self._reactor = reactor
-        self._spawn = spawn_process
-        self._docker = docker_path
+        self._cli = DockerLogsCli(
+            spawn_process, docker_path, container_id, dict(env) if env is not None else default_env(), command_prefix
+        )
         self._job_log = job_log
         self._container_id = container_id
         self._is_running = is_running
         self._max_line_bytes = max_line_bytes
-        self._env = dict(env) if env is not None else default_env()
         self._resume = resume
         self._margin_ns = int(resume_margin_s * 1e9)
-        self._max_failures = max_failures
         self._max_pending = max_pending_bytes
         self._budget = budget if budget is not None else job_log.ingest
         self._read_delay = read_delay_s
-        self._last_entries = last_entries
-        self._engine_ready = engine_ready
-        self._engine_wait: Deferred[None] | None = None
-        self._prefix = list(command_prefix)
+        self._last_entries = LastEntries(self._cli, last_entries, container_id)
+        self._restarts = TailRestarts(reactor, max_failures, engine_ready, self._restart, container_id)
         self._resume_since: int | None = None  # the fixed --since while streams count (resume.py)
         self._streams = {fd: StreamCursor(source, max_line_bytes) for fd, source in _FDS.items()}
         # IDLE -> STARTING -> TAILING <-> (CHECKING | WAITING) -> DONE
         self._state = "idle"
         self._protocol: TailProtocol | None = None
-        self._timer: IDelayedCall | None = None
         self._stopping = False
-        self._failures = 0
         self._progress = False
         self._draining = False  # the container has exited: tails no longer --follow
         self._attempts = 0
@@ -199,19 +171,10 @@ class LogFollower:
                 self._result = Failure(FollowStopped(f"following {self._short} was stopped"))
             return
         self._stopping = True
-        if self._state == "tailing" and self._protocol is not None and self._protocol.transport is not None:
-            transport: Any = self._protocol.transport
-            try:
-                transport.signalProcess("KILL")
-            except Exception:  # already gone: processEnded is on its way
-                pass
+        if self._state == "tailing" and self._protocol is not None:
+            self._protocol.kill()
         elif self._state == "waiting":
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            if self._engine_wait is not None:
-                wait, self._engine_wait = self._engine_wait, None
-                wait.cancel()
+            self._restarts.cancel()
             self._finish_stopped()
         # starting / checking: noticed when that step completes
 
@@ -223,46 +186,29 @@ class LogFollower:
 
     async def _start(self) -> None:
         if self._resume:
-            stored = []
-            for stream in self._streams.values():
-                point = await self._job_log.resume_point(stream.source)
-                if point is not None:
-                    stored.append(point[0])
-            if stored:
-                since = max(min(stored) - self._margin_ns, 0)
-                self._resume_since = since
-                for stream in self._streams.values():
-                    stream.resume(await self._job_log.lines_since(stream.source, since))
+            self._resume_since = await resume_streams(self._job_log, list(self._streams.values()), self._margin_ns)
         if self._stopping:
             self._finish_stopped()
             return
         self._spawn_tail()
 
     def _spawn_tail(self) -> None:
-        known = [s.last_ts for s in self._streams.values() if s.last_ts is not None]
-        args = [self._docker, "logs", "--timestamps"]
-        if not self._draining:
-            args.insert(2, "--follow")
-        if self._resume_since is not None and any(s.counting for s in self._streams.values()):
-            args += ["--since", format_since(self._resume_since)]
-        elif known:
-            since = max(min(known) - self._margin_ns, 0)
-            args += ["--since", format_since(since)]
+        since = tail_since(list(self._streams.values()), self._resume_since, self._margin_ns)
         for stream in self._streams.values():
             stream.restart(self._max_line_bytes)
-        args += ["--", self._container_id]
+        args = self._cli.tail_args(not self._draining, since)
         self._protocol = TailProtocol(self._received, self._ended)
         self._progress = False
         self._attempts += 1
         self._state = "tailing"
         self.log.debug("tailing {cid}: {args}", cid=self._container_id, args=args[1:])
         try:
-            self._spawn_cli(self._protocol, args)
+            self._cli.spawn(self._protocol, args)
             if self._stall is not None and not self._draining:
                 self._stall.start()
         except Exception as e:
             self._protocol = None
-            self._last_message = f"cannot run {self._docker}: {e}"
+            self._last_message = f"cannot run {self._cli.docker_path}: {e}"
             self.log.failure("spawning docker logs for {cid} failed", cid=self._container_id)
             self._after_attempt(clean=False)
 
@@ -281,19 +227,7 @@ class LogFollower:
         except Exception:
             self.log.failure("parsing the logs of {cid} failed", cid=self._container_id)
         budget.spend(budget.clock() - started)
-        if "budget" not in protocol.pauses and budget.exhausted:
-            # The followers have parsed their share of the reactor's time: the
-            # output waits in the pipe (and the engine's log) meanwhile.
-            protocol.pause("budget")
-            budget.wait().addCallback(lambda _: protocol.unpause("budget"))
-        if "disk" not in protocol.pauses and self._job_log.pending_bytes > self._max_pending:
-            protocol.pause("disk")
-            self._job_log.flush(sync=False).addBoth(lambda _: protocol.unpause("disk"))
-        if len(data) < _FULL_READ and self._read_delay > 0 and "batch" not in protocol.pauses:
-            # The pipe is drained: let it fill for a moment rather than waking up
-            # for every few lines docker writes (see the module doc).
-            protocol.pause("batch")
-            self._reactor.callLater(self._read_delay, protocol.unpause, "batch")
+        pace_reads(self._reactor, protocol, data, budget, self._job_log, self._max_pending, self._read_delay)
 
     def _store(self, stream: StreamCursor, stamps: list[int], lines: list[bytes]) -> None:
         # After a restart, what this stream already stored is dropped (resume.py).
@@ -334,7 +268,7 @@ class LogFollower:
             self._finish_stopped()
             return
         if self._progress:
-            self._failures = 0
+            self._restarts.succeeded()
         if clean and self._draining:
             Deferred.fromCoroutine(self._finish(None)).addErrback(self._crashed)
         elif clean:
@@ -364,26 +298,10 @@ class LogFollower:
             self._retry()
 
     async def _complete(self) -> bool:
-        """Whether the container's last log entries are stored. Docker sends
-        entries in file order, so if the last one is stored, all are. The last
-        ``CHECK_LINES`` entries (``docker logs --tail``) must end each stream the
-        way the stored lines do (same timestamps and data, and no more lines with
-        the last timestamp than stored). Anything unclear answers False: one more
-        tail then reads the rest."""
-        output = await self._fetch_last_entries()
-        if output is None:
-            return False
-        for fd, raw in output.items():
-            parser = StreamParser(self._max_line_bytes)
-            stamps, lines = parser.feed(raw)
-            more_stamps, more_lines = parser.finish()
-            window = list(zip(stamps + more_stamps, lines + more_lines, strict=True))
-            if not window:
-                continue
-            stream = self._streams.get(fd)
-            if stream is None or not stream.ends_like(window):
-                return False
-        return True
+        """Whether the container's last log entries are stored (last_entries.py);
+        anything unclear answers False: one more tail then reads the rest."""
+        output = await self._last_entries.read(CHECK_LINES)
+        return output is not None and all_stored(output, self._streams, self._max_line_bytes)
 
     def _behind(self) -> Deferred[bool]:
         """Whether the engine holds an entry newer than the stored ones (the
@@ -393,16 +311,10 @@ class LogFollower:
             protocol = self._protocol
             if protocol is None or protocol.pauses:
                 return False  # not reading on purpose (back-pressure)
-            output = await self._fetch_last_entries(1)
+            output = await self._last_entries.read(1)
             if output is None or protocol is not self._protocol:
                 return False
-            for fd, raw in output.items():
-                parser = StreamParser(self._max_line_bytes)
-                stamps = parser.feed(raw)[0] + parser.finish()[0]
-                stream = self._streams.get(fd)
-                if stream is not None and stamps and (stream.last_ts is None or stamps[-1] > stream.last_ts):
-                    return True
-            return False
+            return newer_entry(output, self._streams, self._max_line_bytes)
 
         return Deferred.fromCoroutine(check())
 
@@ -411,66 +323,18 @@ class LogFollower:
         if protocol is None or protocol.transport is None:
             return
         self.log.info("docker logs for {cid} went quiet while its log moved on: restarting it", cid=self._container_id)
-        transport: Any = protocol.transport
-        try:
-            transport.signalProcess("KILL")  # its end restarts the tail with --since
-        except Exception:
-            pass
-
-    async def _fetch_last_entries(self, count: int = CHECK_LINES) -> dict[int, bytes] | None:
-        """The last ``count`` entries per stream, or None when unknown."""
-        if self._last_entries is not None:
-            try:
-                return await self._last_entries(count)
-            except Exception:
-                self.log.failure("reading the last log entries of {cid} failed", cid=self._container_id)
-                return None
-        check = LastEntriesProtocol()
-        args = [self._docker, "logs", "--tail", str(count), "--timestamps", "--", self._container_id]
-        try:
-            self._spawn_cli(check, args)
-        except Exception:
-            self.log.failure("spawning docker logs --tail for {cid} failed", cid=self._container_id)
-            return None
-        return check.output if await check.done else None
-
-    def _spawn_cli(self, protocol: Any, args: list[str]) -> None:
-        if self._prefix:
-            self._spawn(protocol, self._prefix[0], [*self._prefix, *args], env=self._env, childFDs=_CHILD_FDS)
-        else:
-            self._spawn(protocol, self._docker, args, env=self._env, childFDs=_CHILD_FDS)
+        protocol.kill()  # its end restarts the tail with --since
 
     def _retry(self) -> None:
-        if not self._progress:
-            self._failures += 1
-        if self._engine_ready is not None:
-            ready = self._engine_ready()
-            if not ready.called:
-                # The engine is away: no failure of the tail; wait for it.
-                self.log.info("docker logs for {cid}: waiting for the engine", cid=self._container_id)
-                self._failures = 0
-                self._state = "waiting"
-                self._engine_wait = ready
-                ready.addCallbacks(self._engine_back, lambda f: None)
-                return
-        if self._failures > self._max_failures:
-            message = f"docker logs for {self._short} failed {self._failures} times"
-            if self._last_message:
-                message += f": {self._last_message}"
-            Deferred.fromCoroutine(self._finish(Failure(LogTailError(message)))).addErrback(self._crashed)
+        if self._restarts.schedule(self._progress):
+            self._state = "waiting"
             return
-        delay = 0.0 if self._failures == 0 else _RESTART.base(self._failures - 1)
-        self._state = "waiting"
-        self._timer = self._reactor.callLater(delay, self._restart)
-
-    def _engine_back(self, _: object) -> None:
-        if self._engine_wait is None:
-            return  # stopped meanwhile
-        self._engine_wait = None
-        self._restart()
+        message = f"docker logs for {self._short} failed {self._restarts.failures} times"
+        if self._last_message:
+            message += f": {self._last_message}"
+        Deferred.fromCoroutine(self._finish(Failure(LogTailError(message)))).addErrback(self._crashed)
 
     def _restart(self) -> None:
-        self._timer = None
         if self._stopping:
             self._finish_stopped()
         else:
