@@ -6,10 +6,8 @@ are saved on every change, so a restarted worker still answers for finished jobs
 
 Jobs outlive the worker process. Start-up loads the records (no engine needed:
 the site opens then, even while the engine is down); once the engine answers,
-the containers a previous process left are re-adopted, lost jobs are said to be
-lost, waiting jobs start again in arrival order and stray containers are
-removed (jobs/recovery.py); the same runs again each time the engine comes back
-from an outage. Stopping leaves the jobs running (``detach``), unless
+and again each time it comes back from an outage, the Reconciler
+(jobs/reconcile.py) takes over what a previous process left. Stopping leaves the jobs running (``detach``), unless
 ``stop_jobs_on_exit`` asks for the old drain: every job is stopped and ends
 WORKER_FAILED.
 """
@@ -30,12 +28,11 @@ from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.health import EngineHealth
 from fluster_worker.containers.ports import PortAllocator, PortsExhausted
-from fluster_worker.containers.runtime import ContainerError, ContainerInfo
 from fluster_worker.jobs import validation
 from fluster_worker.jobs.execution import JobExecution, Toolkit
+from fluster_worker.jobs.intake import check_attempt, check_conditions, check_line
 from fluster_worker.jobs.model import (
     InvalidJobRequest,
-    JobAlreadyExists,
     JobNotFound,
     JobRecord,
     JobRequest,
@@ -45,11 +42,13 @@ from fluster_worker.jobs.model import (
     StopRequest,
     WorkerUnavailable,
 )
-from fluster_worker.jobs.outcome import KILLED_BY_REQUEST, lost_outcome
-from fluster_worker.jobs.recovery import BundlePins, plan_recovery
+from fluster_worker.jobs.outcome import KILLED_BY_REQUEST
+from fluster_worker.jobs.reconcile import Reconciler
+from fluster_worker.jobs.recovery import BundlePins
+from fluster_worker.jobs.retention import expired
 from fluster_worker.jobs.store import JobStore, ResultTooLarge
 from fluster_worker.logs import LogStore
-from fluster_worker.node.conditions import UNAVAILABLE, NodeConditions
+from fluster_worker.node.conditions import NodeConditions
 
 StateListener = Callable[[JobRecord], None]
 #: How long a KillJob caller waits past the grace for the job to end.
@@ -109,9 +108,18 @@ class JobManager(Service):
         self._pruner = LoopingCall(self.prune)
         self._pruner.clock = reactor
         self._loaded: Once[None] = Once()
-        self._reconciled: Once[None] = Once()
-        self._reconciling = False
-        self._reconcile_again = False
+        self._reconciler = Reconciler(
+            self._kit,
+            self._jobs,
+            self._active,
+            ports,
+            self._pins,
+            run=self._run,
+            changed=self._changed,
+            now_ms=self._now_ms,
+            running=lambda: bool(self.running),
+        )
+        self._reconciled = self._reconciler.done
         self._arrival = 0
 
     @property
@@ -148,98 +156,7 @@ class JobManager(Service):
         self._pins.hold(self._jobs.values())
         self._loaded.fire(None)
         self._pruner.start(60, now=True)
-        if self._engine is None:
-            self._reconcile()
-        else:
-            self._engine.add_listener(lambda up, reason: self._reconcile() if up else None)
-            if self._engine.up:
-                self._reconcile()
-
-    def _reconcile(self) -> None:
-        if not self.running:
-            return
-        if self._reconciling:
-            self._reconcile_again = True
-            return
-        self._reconciling = True
-        d = Deferred.fromCoroutine(self._reconcile_once())
-        d.addErrback(lambda f: self.log.failure("reconciling jobs and containers failed", f))
-
-        def done(_: object) -> None:
-            self._reconciling = False
-            if self._reconcile_again:
-                self._reconcile_again = False
-                self._reconcile()
-
-        d.addBoth(done)
-
-    async def _reconcile_once(self) -> None:
-        try:
-            containers = await self._kit.runtime.inventory()
-        except ContainerError as e:
-            self.log.warn("cannot list containers ({error}); trying again when the engine answers", error=str(e))
-            return
-        if not self.running:
-            return
-        plan = plan_recovery(self._jobs, containers, set(self._active))
-        if not plan.empty:
-            self.log.info(
-                "recovery: {adopt} containers re-adopted, {restart} jobs started again, {lost} lost, "
-                "{remove} containers to remove",
-                adopt=len(plan.adopt),
-                restart=len(plan.restart),
-                lost=len(plan.lost),
-                remove=len(plan.remove),
-            )
-        for record, container in plan.adopt:
-            self._ports.reserve(record.ports.values())
-            execution = JobExecution(record, b"", self._kit)
-            self._run(execution, execution.adopt(container, self._pins.take(record.job_id)))
-        for record in plan.lost:
-            outcome = lost_outcome(record.container_id)
-            record.error = outcome.error
-            record.move(outcome.state, self._now_ms(), "lost")
-            self._changed(record)
-        # A waiting job's old container (created, never started) shares its name:
-        # it goes before the job starts again.
-        restarting = {r.job_id for r in plan.restart}
-        blocking = [self._remove(c) for c in plan.remove if c.job_id in restarting]
-        for container in plan.remove:
-            if container.job_id not in restarting:
-                self._remove(container)
-        await DeferredList(blocking, consumeErrors=True)
-        for record in plan.restart:
-            if not self.running or record.job_id in self._active or record.state.terminal:
-                continue
-            if record.state is JobState.BUILDING:
-                record.move(JobState.PENDING, self._now_ms(), "queued again: the worker restarted")
-            record.container_id = ""
-            self._ports.reserve(record.ports.values())
-            execution = JobExecution(record, b"", self._kit)
-            self._run(execution, execution.start())
-        # Lost and restarted jobs mount nothing now (a restarted one acquires its bundle anew).
-        self._pins.release_all()
-        self._reconciled.fire(None)
-
-    def _remove(self, container: ContainerInfo) -> Deferred[None]:
-        """Stop (SIGTERM, the grace, SIGKILL) and remove a container of ours."""
-        runtime = self._kit.runtime
-        self.log.info(
-            "removing container {name} of job {job_id} (no job of this worker runs in it)",
-            name=container.name,
-            job_id=container.job_id,
-        )
-        async def remove() -> None:
-            if container.state in ("running", "paused", "restarting"):
-                try:
-                    await runtime.terminate(container.container_id, self._kit.default_kill_grace)
-                except ContainerError:
-                    pass  # removed meanwhile, or never started: the remove says
-            await runtime.remove(container.container_id)
-
-        d = Deferred.fromCoroutine(remove())
-        d.addErrback(lambda f: self.log.failure("removing container {name} failed", f, name=container.name))
-        return d
+        self._reconciler.start(self._engine)
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         super().stopService()
@@ -270,20 +187,12 @@ class JobManager(Service):
         job_id = validation.job_id_of(request)
         attempt = request.attempt_id
         existing = self._jobs.get(job_id)
-        if existing is not None:
-            if existing.attempt_id == attempt:
-                # A retried RunJob (e.g. after a controller timeout): idempotent.
-                return existing
-            if not existing.state.terminal:
-                raise JobAlreadyExists(
-                    f"job {job_id} is already {existing.state.name} as attempt {existing.attempt_id}",
-                )
-            if attempt < existing.attempt_id:
-                raise JobAlreadyExists(
-                    f"job {job_id} already ran as attempt {existing.attempt_id} (got attempt {attempt})",
-                )
-        self._admit()
-        self._check_line()
+        retried = check_attempt(existing, job_id, attempt)
+        if retried is not None:
+            return retried
+        check_conditions(self._conditions)
+        if self._max_pending is not None:
+            check_line(sum(1 for e in self._active.values() if e.record.state is JobState.PENDING), self._max_pending)
         spec = validation.job_spec(request, self._cpu_count, self._kit.devices, self._limits)
         try:
             ports = self._ports.allocate(spec.port_names)
@@ -395,26 +304,6 @@ class JobManager(Service):
 
     # -- internals -------------------------------------------------------------
 
-    def _admit(self) -> None:
-        """Refuse new work while a node condition blocks it, saying why."""
-        blocking = self._conditions.blocking() if self._conditions is not None else None
-        if blocking is None:
-            return
-        if blocking.severity == UNAVAILABLE:
-            raise WorkerUnavailable(blocking.reason)
-        raise ResourcesExhausted(blocking.reason)
-
-    def _check_line(self) -> None:
-        """Refuse a job past ``max_pending_jobs`` waiting ones: the line (and the
-        ports its jobs hold from acceptance) stays bounded."""
-        if self._max_pending is None:
-            return
-        waiting = sum(1 for e in self._active.values() if e.record.state is JobState.PENDING)
-        if waiting >= self._max_pending:
-            raise ResourcesExhausted(
-                f"{waiting} jobs are already waiting to start (--max-pending-jobs {self._max_pending}); try again later"
-            )
-
     def _run(self, execution: JobExecution, running: Deferred[None]) -> None:
         job_id = execution.record.job_id
         self._active[job_id] = execution
@@ -455,17 +344,8 @@ class JobManager(Service):
         """Forget finished jobs past the retention count or age, oldest first,
         and let the image builder drop unused images past its caps."""
         self._kit.builder.gc().addErrback(lambda f: self.log.failure("image gc failed", f))
-        now = self._now_ms()
-        finished = sorted(
-            (r for r in self._jobs.values() if r.state.terminal and r.job_id not in self._active),
-            key=lambda r: r.finished_at_ms,
-        )
-        excess = len(self._jobs) - self._retention_count
-        for record in finished:
-            too_old = now - record.finished_at_ms > self._retention_seconds * 1000
-            if excess <= 0 and not too_old:
-                break
-            excess -= 1
+        forget = expired(self._jobs, self._active, self._now_ms(), self._retention_count, self._retention_seconds)
+        for record in forget:
             del self._jobs[record.job_id]
             self._forget_files(record.job_id).addErrback(self._log_delete_failure, record.job_id)
 

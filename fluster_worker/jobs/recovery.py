@@ -1,6 +1,6 @@
 """What a worker does with the jobs and containers a previous process (or an
 engine outage) left behind: a plan, made from the records and the containers
-labelled with the worker id. Pure: the JobManager carries it out.
+labelled with the worker id. Pure: the Reconciler (reconcile.py) carries it out.
 
 - A container of a job whose record is RUNNING (or PENDING/BUILDING: a worker
   that died between starting the container and saying so), same attempt, that
