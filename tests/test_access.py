@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
@@ -33,7 +34,7 @@ from fluster_worker.web.guard.callers import ControllerAddresses, Rule, controll
 from fluster_worker.web.guard.gate import AccessPolicy, classify
 from fluster_worker.web.guard.hosts import HostAllowlist, host_name
 from fluster_worker.web.guard.token import BearerToken, TokenError, load_token
-from fluster_worker.web.refusals import RefusalLog
+from fluster_worker.web.refusals import RPC_METHODS, RefusalLog
 from fluster_worker.web.rpc import cluster_pb2 as pb
 
 reactor: Any = _reactor
@@ -485,3 +486,39 @@ async def test_with_a_token_the_button_shows_and_the_note_never_names_the_token(
     page = await served.get("/job/job-1", **bearer)
     assert page.code == 200 and not kill_form(page.body)
     assert b"read-only: kills are allowed from 10.0.0.0/8" in page.body and TOKEN not in page.body
+
+
+# -- refusals on /metrics ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_counted_on_metrics_with_labels_no_caller_can_invent(serve: Any) -> None:
+    served: Served = await serve(control=Rule.parse("10.0.0.0/8"))
+    for _ in range(2):
+        assert (await served.rpc("RunJob", {"jobId": "x"}))[0] == 403
+    assert (await served.rpc("KillJob", {"jobId": "x"}))[0] == 403
+    # Refused by the RPC layer, not the gate: the same count (StubService has no GetJobStatus).
+    assert (await served.rpc("GetJobStatus", {"jobId": "x"}))[0] == 501
+    for i in range(20):  # made-up methods, services and paths
+        assert (await served.rpc(f"Made{i}"))[0] == 403
+        response = await treq.post(
+            f"{served.url}/made.Service{i}/M", data=b"{}",
+            headers={"Host": [f"127.0.0.1:{served.port}"], "Content-Type": ["application/json"]}, persistent=False,
+        )
+        assert response.code == 403
+        await response.content()
+        assert (await served.get(f"/made/{i}", host="evil.example")).code == 403
+    page = await served.get("/metrics")
+    assert page.code == 200
+    families = text_string_to_metric_families(page.body.decode())
+    [family] = [f for f in families if f.name == "fluster_worker_refused_requests"]
+    counted = {(s.labels["method"], s.labels["code"]): s.value for s in family.samples if s.name.endswith("_total")}
+    assert counted == {
+        ("RunJob", "permission_denied"): 2,
+        ("KillJob", "permission_denied"): 1,
+        ("GetJobStatus", "unimplemented"): 1,
+        ("other", "permission_denied"): 40,
+        ("page", "permission_denied"): 20,
+    }
+    assert {method for method, _ in counted} <= RPC_METHODS | {"page", "other"}
+    assert served.refusals.total == 64

@@ -17,12 +17,14 @@ from treq.testing import StubTreq
 
 from fluster_worker.jobs.model import BuildInfo, JobRecord, JobState
 from fluster_worker.testing.dashboard import FakeRegistration, FakeWorker, make_record
-from fluster_worker.web.app import build_resource
+from fluster_worker.web.app import build_resource, build_site
+from fluster_worker.web.listener import WebService
 from fluster_worker.web.metrics import WorkerMetrics
 from fluster_worker.web.rpc import cluster_pb2 as pb
 from fluster_worker.web.views import Facts
 from tests.jobkit import Harness, entrypoint, make_bundle
 from tests.test_dashboard import start_recovered_worker
+from tests.test_site_limits import connect, dechunk, get, with_deadline
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -195,6 +197,52 @@ def test_own_registry_not_the_global_one() -> None:
 
 
 # -- a real job on the real worker ----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_sites_connection_counters_are_exposed() -> None:
+    """The worker's own site (build_site, behind its WebService) on a real
+    socket: a connection past the cap is refused, and /metrics says so."""
+    from twisted.internet import reactor
+
+    worker: Any = FakeWorker()
+    worker.web = WebService(reactor, "tcp:0:interface=127.0.0.1", build_site(worker), max_connections=2)
+    port = (await worker.web.startService()).getHost().port
+    try:
+        held = [await connect(port) for _ in range(2)]
+        for client in held:
+            client.send(get(b"/", close=False))
+            await with_deadline(client.until(b"</html>"))
+        extra = await connect(port)
+        assert (await with_deadline(extra.closed)).startswith(b"HTTP/1.1 503 ")
+        held[1].transport.loseConnection()
+        held[0].send(get(b"/metrics", close=True))
+        answer = await with_deadline(held[0].closed)
+    finally:
+        await worker.web.stopService()
+    last = answer[answer.rindex(b"HTTP/1.1 ") :]
+    assert last.startswith(b"HTTP/1.1 200 "), last[:200]
+    samples = parse(dechunk(last).decode())
+    assert value(samples, "fluster_worker_connections_refused_total") == 1
+    assert ("fluster_worker_connections_evicted_total", ()) in samples
+    assert value(samples, "fluster_worker_connections_evicted_total") == 0
+
+
+def test_the_sites_counters_are_read_at_scrape() -> None:
+    class Site:
+        refused_connections = 3
+        evicted_connections = 2
+
+    worker = FakeWorker()
+    metrics = WorkerMetrics(worker.manager, worker.logs, worker.reactor, worker_id="w", site=lambda: Site)
+    samples = parse(metrics.exposition(None)[0].decode())
+    assert value(samples, "fluster_worker_connections_refused_total") == 3
+    assert value(samples, "fluster_worker_connections_evicted_total") == 2
+    Site.evicted_connections = 5
+    assert value(parse(metrics.exposition(None)[0].decode()), "fluster_worker_connections_evicted_total") == 5
+    # Without a site (tests, an app served by another Site): no such series.
+    bare = WorkerMetrics(worker.manager, worker.logs, worker.reactor, worker_id="w")
+    assert "connections_refused" not in bare.exposition(None)[0].decode()
 
 
 def say_lines(n: int) -> int:

@@ -72,3 +72,26 @@ def test_stop_writes_the_pending_summary_and_cancels_its_timer() -> None:
 def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         RefusalLog(Clock(), burst=0)
+
+
+def test_counts_have_labels_from_fixed_sets_only() -> None:
+    refusals = RefusalLog(Clock(), burst=1)
+    capture(refusals)
+    refusals.refused("RunJob", "permission_denied", "no")
+    refusals.refused("RunJob", "permission_denied", "no")
+    refusals.refused("GetJobStatus", "not_found", "job x not found")
+    for i in range(1000):  # made-up methods, paths and codes
+        refusals.refused(f"Made{i}", "permission_denied", "no")
+        refusals.refused(f"other.Service/M{i}", "unimplemented", "no")
+        refusals.refused(f"GET /x{i}", "permission_denied", "no")
+        refusals.refused("RunJob", f"code{i}", "no")
+        refusals.refused(f"runjob {i}", "permission_denied", "no")
+    assert refusals.counts == {
+        ("RunJob", "permission_denied"): 2,
+        ("GetJobStatus", "not_found"): 1,
+        ("other", "permission_denied"): 2000,
+        ("other", "unimplemented"): 1000,
+        ("page", "permission_denied"): 1000,
+        ("RunJob", "unknown"): 1000,
+    }
+    assert refusals.total == 5003

@@ -108,6 +108,8 @@ def build_app(
             devices=lambda: getattr(worker, "devices", None),
             conditions=getattr(worker, "conditions", None),
             disk=getattr(worker, "disk", None),
+            refusals=refusals,
+            site=lambda: getattr(getattr(worker, "web", None), "site", None),
         )
         metrics.watch(worker.manager)
     if service is None:

@@ -70,6 +70,11 @@ class WebService(Service):
         return Deferred.fromCoroutine(_stop_listening(self.port))
 
     @property
+    def site(self) -> Site:
+        """The site served (its connection counters are read by the metrics)."""
+        return self._site
+
+    @property
     def listening_port(self) -> int:
         return self.port.getHost().port if self.port is not None else 0  # type: ignore[attr-defined]
 

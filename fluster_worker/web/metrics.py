@@ -24,6 +24,13 @@ Names (all prefixed ``fluster_worker_``):
   the reason without the figures of the moment (those are in ``disk_free_bytes``
   and on the dashboard), so that the series stay put.
 - ``disk_free_bytes``: gauge, the least free space under the state and cache dirs.
+- ``refused_requests_total{method,code}``: counter, requests refused with an error
+  answer (an RPC's Connect error, an access-gate refusal), as the refusal log
+  counts them (``refusals.RefusalLog``): ``method`` is one of the service's
+  methods, ``page`` (any other HTTP request) or ``other``; ``code`` a Connect code.
+- ``connections_refused_total``: counter, connections answered 503 and closed at
+  the connection cap; ``connections_evicted_total``: counter, connections aborted
+  for holding unsent answers past the cap (``rpc.site.GuardedSite``).
 
 The counters move from ``JobManager.add_listener`` events, counted once per job id and
 attempt: a build or cache hit when a job seen without an image tag gets one (so jobs
@@ -44,6 +51,7 @@ from prometheus_client.registry import Collector
 
 from fluster_worker import __version__
 from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.web.refusals import RefusalLog
 from fluster_worker.web.views import ManagerView, line_count, worker_devices
 
 PREFIX = "fluster_worker_"
@@ -72,8 +80,12 @@ class WorkerMetrics:
         devices: Callable[[], object | None] = lambda: None,
         conditions: Any = None,
         disk: Any = None,
+        refusals: RefusalLog | None = None,
+        site: Callable[[], object | None] = lambda: None,
     ) -> None:
         self._manager = manager
+        self._refusals = refusals
+        self._site = site  # read at scrape: the site is made after the app
         self._conditions = conditions
         self._disk = disk
         self._logs = logs
@@ -240,7 +252,28 @@ class WorkerMetrics:
                 "1 while the controller accepts our registration heartbeats.",
                 1 if getattr(registration, "connected", False) else 0,
             )
+        yield from self._refusal_metrics()
         self._forget_gone()
+
+    def _refusal_metrics(self) -> Iterator[Metric]:
+        if self._refusals is not None:
+            refused = CounterMetricFamily(
+                PREFIX + "refused_requests",
+                "Requests refused with an error answer, by method (an RPC, page or other) and code.",
+                labels=["method", "code"],
+            )
+            for (method, code), count in sorted(self._refusals.counts.items()):
+                refused.add_metric([method, code], count)
+            yield refused
+        site = self._site()
+        for attribute, name, text in (
+            ("refused_connections", "connections_refused", "Connections answered 503 and closed at the cap."),
+            ("evicted_connections", "connections_evicted",
+             "Connections aborted for holding unsent answers past the cap."),
+        ):
+            connections = getattr(site, attribute, None)
+            if isinstance(connections, int):
+                yield CounterMetricFamily(PREFIX + name, text, connections)
 
 
 class _LiveCollector(Collector):

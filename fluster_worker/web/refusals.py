@@ -8,6 +8,12 @@ operator can see why a controller or client is unhappy. A flood of refusals
 and one summary line per window says how many were suppressed and of which
 kinds.
 
+Every refusal is also counted by method and code (``counts``, read by the
+metrics), with labels from fixed sets only, whatever the caller sent: a method
+of the WorkerService, ``page`` for any other HTTP request (the pages, the JSON
+API, /metrics, the dashboard's kill), or ``other`` (unknown services and
+methods); a Connect code, or ``unknown``.
+
 Usage (any refusing layer)::
 
     refusals = RefusalLog(reactor)
@@ -16,12 +22,16 @@ Usage (any refusing layer)::
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from collections.abc import Iterable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from fluster_worker.common.text import one_line
+from fluster_worker.web.rpc import cluster_pb2 as pb
+from fluster_worker.web.rpc.errors import Code
 
 #: Bounds of what one line shows of caller-chosen text (method names, reasons).
 MAX_METHOD_CHARS = 80
@@ -29,6 +39,11 @@ MAX_REASON_CHARS = 300
 MAX_PEER_CHARS = 100
 #: Distinct (method, code) kinds named in a summary line; the rest are "others".
 MAX_SUMMARY_KINDS = 5
+#: The RPC methods a refusal may be counted under by name.
+RPC_METHODS = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["WorkerService"].methods)
+CODES = frozenset(code.wire_name for code in Code)
+#: What the access gate names a request that is not an RPC: ``GET /job/x``.
+_HTTP_REQUEST = re.compile(r"[A-Z]{1,10} /")
 
 
 class RefusalLog:
@@ -36,7 +51,14 @@ class RefusalLog:
 
     log = Logger(namespace="fluster_worker.refusals")
 
-    def __init__(self, clock: IReactorTime, *, burst: int = 20, interval_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        burst: int = 20,
+        interval_s: float = 60.0,
+        methods: Iterable[str] = RPC_METHODS,
+    ) -> None:
         if burst < 1 or interval_s <= 0:
             raise ValueError("RefusalLog needs burst >= 1 and interval_s > 0")
         self._clock = clock
@@ -46,12 +68,16 @@ class RefusalLog:
         self._logged = 0
         self._suppressed: Counter[tuple[str, str]] = Counter()
         self._summary: IDelayedCall | None = None
+        self._methods = frozenset(methods)
         #: Every refusal seen (logged or not), for tests and metrics.
         self.total = 0
+        #: Refusals by (method label, code label): bounded (``label``).
+        self.counts: Counter[tuple[str, str]] = Counter()
 
     def refused(self, method: str, code: str, reason: str, peer: str = "") -> None:
         """Record one refused call: logged now, or counted into the window's summary."""
         self.total += 1
+        self.counts[self.labels(method, code)] += 1
         now = self._clock.seconds()
         if now - self._window_start >= self._interval_s:
             self._flush()
@@ -74,6 +100,16 @@ class RefusalLog:
             # Say how many were dropped when the window closes, even if the flood stops.
             delay = max(0.0, self._window_start + self._interval_s - now)
             self._summary = self._clock.callLater(delay, self._window_closed)
+
+    def labels(self, method: str, code: str) -> tuple[str, str]:
+        """The (method, code) a refusal is counted under: from fixed sets only."""
+        if method in self._methods:
+            shown = method
+        elif _HTTP_REQUEST.match(method):
+            shown = "page"
+        else:
+            shown = "other"
+        return shown, code if code in CODES else "unknown"
 
     def stop(self) -> None:
         """Write the pending summary now and cancel its timer (service shutdown)."""
