@@ -13,12 +13,8 @@ runs, it is stopped and the outcome is decided when it exits (outcome.py).
 same way but decides nothing: the record stays as it is on disk, for the next
 worker process.
 
-The end, in this order: the outcome is decided; the logs are drained and
-closed; the terminal record is saved; only then is the container removed (so a
-worker that dies in between finds the container and its exit again, and reaches
-the same outcome); then the terminal state is shown and reported. A record that
-cannot be saved (a full disk) is retried by the store, and the container stays
-until it is saved.
+The end: the outcome is decided here, the rest (logs, the terminal record,
+then the container) is jobs/ending.py.
 """
 
 from __future__ import annotations
@@ -30,16 +26,15 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from fluster_worker.bundles.cache import BundleError, BundleLease
-from fluster_worker.common.jobnames import job_key
-from fluster_worker.common.safe_files import UnsafeFile
 from fluster_worker.common.text import one_line
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.devices import DevicesUnavailable
 from fluster_worker.containers.engine import engine_unreachable, image_missing
-from fluster_worker.containers.runtime import ContainerError, ContainerInfo, ContainerSpec, container_name
+from fluster_worker.containers.runtime import ContainerError, ContainerInfo
 from fluster_worker.images.builder import BuildError, BuildResult
-from fluster_worker.images.dockerfile import CONTAINER_APP_DIR, runner_command
 from fluster_worker.jobs.admission import Ticket
+from fluster_worker.jobs.container_spec import job_container_spec
+from fluster_worker.jobs.ending import JobEnding
 from fluster_worker.jobs.model import JobRecord, JobState, StopRequest
 from fluster_worker.jobs.outcome import KILLED_BY_REQUEST, Outcome
 from fluster_worker.jobs.sandbox import CONTAINER_WORKDIR
@@ -216,7 +211,7 @@ class JobExecution:
         # Creating is not abandoned midway: a container created after a kill
         # would leak. The kill is checked again right after.
         try:
-            self._container_id = await kit.runtime.create(self._container_spec(build.tag))
+            self._container_id = await kit.runtime.create(job_container_spec(kit, rec, build.tag, self._app))
         except ContainerError as e:
             if not image_missing(e):
                 raise
@@ -224,7 +219,7 @@ class JobExecution:
             # build it again, once (same inputs, same tag).
             kit.builder.forget(build.tag)
             await self._build_image()
-            self._container_id = await kit.runtime.create(self._container_spec(build.tag))
+            self._container_id = await kit.runtime.create(job_container_spec(kit, rec, build.tag, self._app))
         rec.container_id = self._container_id
         self._check_stop()
         assert self.job_log is not None
@@ -261,52 +256,18 @@ class JobExecution:
         self.log.info("re-adopted job {job_id} (container {cid})", job_id=rec.job_id, cid=self._container_id[:12])
 
     async def _end(self) -> None:
-        kit, rec = self._kit, self.record
+        ending = JobEnding(
+            self._kit, self.record, self.job_log, self._container_id, self._supervisor is not None, self._release
+        )
         outcome = self._outcome
         if outcome is None:  # detached or refused: nothing is decided, nothing changes
             self._release()
-            await self._close_log()
+            await ending.close_log()
             if self.refused:
-                self._done.fire(rec)
+                self._done.fire(self.record)
             return
-        if self._supervisor is not None:
-            refused = await self._check_result()
-            if refused and outcome.state is JobState.SUCCEEDED:
-                outcome = Outcome(JobState.FAILED, refused, outcome.exit_code)
-            elif refused:
-                self._log("error", refused)  # it ended otherwise; still say what it left
-        if outcome.error and outcome.state in (JobState.FAILED, JobState.WORKER_FAILED):
-            self._log("error", outcome.error)
-        problem = self._supervisor.log_problem if self._supervisor is not None else ""
-        if problem:
-            self._log("error", f"logs incomplete: {problem}")
-        closing = await self._close_log()
-        problem = problem or closing
-        if self.job_log is not None and self.job_log.lost_lines:
-            lost = f"{self.job_log.lost_lines} lines could not be written ({self.job_log.write_error})"
-            problem = f"{lost}; {problem}" if problem else lost
-        error = outcome.error
-        if problem:
-            error = f"{error}; logs incomplete: {problem}" if error else f"logs incomplete: {problem}"
-        # The terminal record on disk before the container goes (see the module doc).
-        at = self._now_ms()
-        final = JobRecord.from_json(rec.to_json())
-        self._conclude(final, outcome.state, error, outcome.exit_code, at)
-        saved = await kit.store.save(final)
-        if self._container_id and not saved:
-            # Kept until its record is saved; its /workdir and /tmp go after it.
-            kit.store.saved(rec.job_id).addCallback(lambda _: Deferred.fromCoroutine(self._remove_container()))
-        else:
-            if self._container_id:
-                await self._remove_container()
-            else:
-                await self._clear_scratch()
-        # Its slot and devices are free once the container is gone (or has exited,
-        # when it is kept until the record is saved).
-        self._release()
-        self._conclude(rec, outcome.state, error, outcome.exit_code, at)
-        kit.changed(rec)
-        self._done.fire(rec)
+        await ending.finish(outcome, self._supervisor.log_problem if self._supervisor is not None else "")
+        self._done.fire(self.record)
 
     async def _build_image(self) -> BuildResult:
         kit, rec, lease = self._kit, self.record, self._lease
@@ -318,19 +279,6 @@ class JobExecution:
                 self._build_line,
             )
         )
-
-    async def _check_result(self) -> str:
-        """Note whether the job left a result; "" or why it was refused (the
-        job put something other than a regular file in its place)."""
-        rec = self.record
-        try:
-            rec.has_result = await self._kit.store.has_result(rec.job_id)
-        except UnsafeFile as e:
-            rec.has_result = False
-            return f"result refused: {e}"
-        except Exception:
-            self.log.failure("checking the result of {job_id} failed", job_id=rec.job_id)
-        return ""
 
     # -- helpers ---------------------------------------------------------------
 
@@ -381,61 +329,6 @@ class JobExecution:
         self.log.failure("job {job_id} failed inside the worker", job_id=self.record.job_id)
         return Outcome(JobState.FAILED, one_line(f"worker error: {type(e).__name__}: {e}"))
 
-    def _container_spec(self, image: str) -> ContainerSpec:
-        kit, rec = self._kit, self.record
-        store = kit.store
-        return ContainerSpec(
-            name=container_name(rec.worker_id, job_key(rec.job_id), rec.attempt_id),
-            image=image,
-            command=runner_command(),
-            env=kit.devices.environment(rec, kit.container_env(rec)),
-            labels={
-                **kit.labels,
-                "fluster.worker_id": rec.worker_id,
-                "fluster.job_id": rec.job_id,
-                "fluster.attempt_id": str(rec.attempt_id),
-            },
-            working_dir=CONTAINER_APP_DIR,
-            mounts=kit.sandbox.mounts(store, rec.job_id, self._app),
-            user=kit.sandbox.user.docker,
-            read_only_rootfs=kit.sandbox.read_only_rootfs,
-            log_max_bytes=kit.sandbox.log_max_bytes,
-            ports={port: port for port in rec.ports.values()},
-            nano_cpus=rec.spec.cpu * 1_000_000_000 if rec.spec.cpu else None,
-            memory_bytes=rec.spec.memory_bytes,
-            **kit.devices.container_options(rec),
-        )
-
-    async def _clear_scratch(self) -> None:
-        """The job's /workdir and /tmp go when it ends (its result stays)."""
-        if self._kit.sandbox.keep_workdir:
-            return
-        try:
-            await self._kit.store.clear_scratch(self.record.job_id)
-        except Exception:
-            self.log.failure("removing the workdir of {job_id} failed", job_id=self.record.job_id)
-
-    async def _remove_container(self) -> None:
-        """The ended job's container, then its /workdir and /tmp."""
-        try:
-            # A container that started has no exit waiters to fail: no inspect first.
-            await self._kit.runtime.remove(self._container_id, started=self._supervisor is not None)
-        except Exception:
-            # The engine is away: the manager removes what is left once it is back.
-            self.log.failure("removing container {cid} failed", cid=self._container_id)
-        await self._clear_scratch()
-
-    async def _close_log(self) -> str:
-        """Close the job's log; what went wrong, or ""."""
-        if self.job_log is None:
-            return ""
-        try:
-            await self.job_log.close()
-        except Exception as e:
-            self.log.failure("closing the log of {job_id} failed", job_id=self.record.job_id)
-            return one_line(f"{type(e).__name__}: {e}")
-        return ""
-
     def _log(self, source: str, line: str) -> None:
         if self.job_log is not None:
             self.job_log.append(source, line)
@@ -453,11 +346,3 @@ class JobExecution:
     def _phase(self, message: str) -> None:
         self.record.phase(message, self._now_ms())
         self._kit.changed(self.record)
-
-    def _conclude(self, record: JobRecord, state: JobState, error: str, exit_code: int | None, at: int) -> None:
-        if record.state.terminal:
-            return
-        record.error = error
-        if exit_code is not None:
-            record.exit_code = exit_code
-        record.move(state, at, state.name.lower())
