@@ -36,8 +36,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from fluster_worker.bundles import unzip
 from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
-from fluster_worker.bundles.fetch import HIGH_WATER, BodySink
 from fluster_worker.bundles.hosts import bundle_http_client
+from fluster_worker.bundles.http_body import HIGH_WATER, BodySink
 from fluster_worker.testing.bundle import RecordingPool
 
 reactor: Any = _reactor

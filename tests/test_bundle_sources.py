@@ -20,7 +20,7 @@ from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from fluster_worker.bundles import fetch, local
+from fluster_worker.bundles import http_fetch, local
 from fluster_worker.bundles.cache import BundleCache, BundleError, BundleLease
 from fluster_worker.bundles.hosts import AddressPolicy, bundle_http_client, parse_private_hosts
 from fluster_worker.main import Options
@@ -259,7 +259,7 @@ async def test_redirects_are_bounded(make_cache: Any, serve: Any) -> None:
     base = serve(loop)
     message = await error_of(make_cache(("127.0.0.0/8",)).acquire(f"{base}/r0"))
     assert message == f"cannot download bundle {base}/r0: {FAILED}"
-    assert len(loop.seen) == fetch.MAX_REDIRECTS + 1
+    assert len(loop.seen) == http_fetch.MAX_REDIRECTS + 1
 
 
 # One error shape.
@@ -272,7 +272,7 @@ async def test_every_failed_download_says_the_same(
     """Closed port, HTTP statuses, a server that never answers, a cut body, a bad
     redirect, a body over the cap: a job cannot tell them apart (so it cannot map
     ports through the worker); the worker's log has each cause."""
-    monkeypatch.setattr(fetch, "RESPONSE_TIMEOUT", 0.5)
+    monkeypatch.setattr(http_fetch, "RESPONSE_TIMEOUT", 0.5)
     closed = reactor.listenTCP(0, Site(Server()), interface="127.0.0.1")
     closed_port = closed.getHost().port
     await closed.stopListening()

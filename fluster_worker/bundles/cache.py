@@ -43,15 +43,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from fluster_worker.bundles import unzip
-from fluster_worker.bundles.fetch import (
-    Abort,
-    BundleError,
-    Fetched,
-    Fetcher,
-    Source,
-    parse_source,
-    shown,
-)
+from fluster_worker.bundles.abort import Abort
+from fluster_worker.bundles.fetch import Fetcher
+from fluster_worker.bundles.sources import BundleError, Fetched, Source, parse_source, shown
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.common.waiters import Waiters
 
