@@ -4,9 +4,8 @@ waiters of the containers of one worker id.
 One events-stream thread per runtime, not one blocking ``container.wait()`` per
 container. A blocking wait holds a BlockingPool thread for the whole life of the job:
 with more running jobs than pool threads the pool starves and every other docker call
-queues behind the waits. The events stream is one long-lived HTTP request on its own
-thread (never a pool thread), filtered by our label, that reports each ``die`` as it
-happens for any number of containers. On a ``die`` (and whenever a waiter registers,
+queues behind the waits. The events stream (events_stream.py) reports each ``die`` as
+it happens for any number of containers. On a ``die`` (and whenever a waiter registers,
 and after every (re)connect of the stream) the container is inspected for its exit
 code, OOMKilled flag and FinishedAt. A waiter is registered before its first inspect,
 so an exit that happens at any time (even before ``wait`` was called, or while the
@@ -28,7 +27,6 @@ a SIGKILL exit that we did not send waits a moment for it (``_OOM_EVENT_WAIT_S``
 
 from __future__ import annotations
 
-import signal as _signal
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,26 +34,21 @@ from typing import Any, cast
 
 import docker.errors
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from fluster_worker.common.backoff import Backoff
 from fluster_worker.common.waiters import Waiters
-from fluster_worker.containers.engine import ContainerError, Engine, explain
+from fluster_worker.containers.engine import ContainerError, Engine
+from fluster_worker.containers.events_stream import EventsStream
 from fluster_worker.containers.health import EngineHealth
-from fluster_worker.containers.spec import WORKER_ID_LABEL
+from fluster_worker.containers.kills import KILL_MEMORY_S, KillLog
 from fluster_worker.containers.status import ExitStatus, exit_status
 
 __all__ = ["ExitWatcher"]
 
 log = Logger()
-
-_RECONNECT = Backoff(initial_s=0.5, max_s=5.0, factor=2.0, jitter=0.0)
 _RECHECK_DELAY = 1.0
-# A kill we sent shows up as a kill event within this time; one we did not send
-# still counts for an exit this long after it (the engine's stop timeout is 10 s).
-_KILL_MEMORY_S = 30.0
 # How long before the stream was lost an exit still counts as the engine's.
 _OUTAGE_MARGIN_MS = 1000
 # A memory-limit kill is reported twice: the ``die`` (code 137) and an ``oom``
@@ -81,8 +74,6 @@ class ExitWatcher:
         settle_s: float = 5.0,
     ) -> None:
         self._reactor = reactor
-        # The real reactor provides both; the events thread hands its news over.
-        self._from_threads = cast(IReactorFromThreads, reactor)
         self._engine = engine
         self.worker_id = worker_id
         self._on_release = on_release
@@ -90,31 +81,38 @@ class ExitWatcher:
         self._waiters: dict[str, list[Deferred[ExitStatus]]] = {}
         # Events thread. State machine: "stopped" -> "running" -> "stopping" -> "stopped".
         self.state = "stopped"
-        self._stop_event = threading.Event()
-        self._stream_lock = threading.Lock()
-        self._stream: Any = None  # docker.types.CancellableStream while connected
-        self.thread: threading.Thread | None = None
+        self._events = EventsStream(
+            reactor,
+            engine,
+            worker_id,
+            subscribed=self._subscribed,
+            connect_failed=self._connect_failed,
+            lost=self._stream_lost,
+            event=self._on_event,
+            ended=self._events_thread_ended,
+        )
         self._stopped: Waiters[None] = Waiters()
         self._rechecks: set[IDelayedCall] = set()
         self.health = health if health is not None else EngineHealth(reactor)
         self._settle_s = settle_s
-        # Kills we sent (container -> [(signal number, until)]) and kills we did
-        # not (container -> when): see the module doc.
-        self._expected_kills: dict[str, list[tuple[str, float]]] = {}
-        # container -> (when, how many streams were lost by then)
-        self._foreign_kills: dict[str, tuple[float, int]] = {}
+        # Kills we sent and kills we did not: see the module doc.
+        self._kills = KillLog(reactor, self.health)
         self._settling: set[IDelayedCall] = set()
         # Containers whose exit the engine reported (a die event or an exited
         # inspect), until they are removed: they are known not to run.
         self._died: set[str] = set()
         # OOM reporting (see _OOM_EVENT_WAIT_S): containers an ``oom`` event named,
-        # those we sent a SIGKILL (their 137 is ours), and exits waiting for an ``oom``.
+        # and exits waiting for an ``oom``.
         self._oom_seen: set[str] = set()
-        self._sigkills_sent: set[str] = set()
         self._oom_waits: dict[str, tuple[IDelayedCall, ExitStatus]] = {}
 
     def _now_ms(self) -> int:
         return int(self._reactor.seconds() * 1000)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The events thread while there is one."""
+        return self._events.thread
 
     # -- waiters ----------------------------------------------------------------
 
@@ -148,18 +146,11 @@ class ExitWatcher:
         """The container is being removed: forget its exit."""
         self._died.discard(container_id)
         self._oom_seen.discard(container_id)
-        self._sigkills_sent.discard(container_id)
+        self._kills.forget(container_id)
 
     def expect_kill(self, container_id: str, signal_name: str) -> None:
         """We are about to signal the container: its kill event is ours."""
-        try:
-            number = str(int(_signal.Signals[signal_name]))
-        except KeyError:
-            return
-        if signal_name == "SIGKILL":
-            self._sigkills_sent.add(container_id)
-        until = self._reactor.seconds() + _KILL_MEMORY_S
-        self._expected_kills.setdefault(container_id, []).append((number, until))
+        self._kills.expect(container_id, signal_name)
 
     def _check_exit(
         self, container_id: str, exit_code_hint: int | None, after_outage: bool = False
@@ -214,8 +205,8 @@ class ExitWatcher:
             self._check_exit(container_id, exit_code_hint)
 
     def _exited(self, container_id: str, status: ExitStatus, after_outage: bool) -> None:
-        kill = self._foreign_kills.get(container_id)
-        if kill is not None and self._engine_went_away(kill[1]):
+        kill = self._kills.foreign(container_id)
+        if kill is not None and self.health.went_away(kill[1]):
             # Stopped by someone else, and the engine went away right after: it
             # was the engine, stopping.
             self._release(container_id, replace(status, engine_stopped=True))
@@ -229,7 +220,7 @@ class ExitWatcher:
         ):
             self._release(container_id, replace(status, engine_stopped=True))
             return
-        if kill is None or self._reactor.seconds() - kill[0] > _KILL_MEMORY_S:
+        if kill is None or self._reactor.seconds() - kill[0] > KILL_MEMORY_S:
             self._release_unless_oom_may_follow(container_id, status)
             return
         # Stopped by someone else: the engine, if its stream goes away now.
@@ -239,7 +230,7 @@ class ExitWatcher:
     def _release_unless_oom_may_follow(self, container_id: str, status: ExitStatus) -> None:
         if container_id in self._oom_seen:
             status = replace(status, oom_killed=True)
-        if status.oom_killed or status.exit_code != 137 or container_id in self._sigkills_sent:
+        if status.oom_killed or status.exit_code != 137 or self._kills.sigkill_sent(container_id):
             self._release(container_id, status)
             return
         call = self._reactor.callLater(_OOM_EVENT_WAIT_S, self._oom_wait_over, container_id)
@@ -260,22 +251,17 @@ class ExitWatcher:
             call.cancel()
             self._release(container_id, replace(status, oom_killed=True))
 
-    def _engine_went_away(self, breaks: int) -> bool:
-        return self.health.breaks != breaks or not self.health.up
-
     def _settled(self, container_id: str, status: ExitStatus, breaks: int) -> None:
         self._settling = {c for c in self._settling if c.active()}
         if self.state != "running":
             return
-        engine = self._engine_went_away(breaks)
+        engine = self.health.went_away(breaks)
         self._release(container_id, replace(status, engine_stopped=engine) if engine else status)
 
     def _release(self, container_id: str, status: ExitStatus) -> None:
         self._died.add(container_id)
-        self._foreign_kills.pop(container_id, None)
-        self._expected_kills.pop(container_id, None)
+        self._kills.released(container_id)
         self._oom_seen.discard(container_id)
-        self._sigkills_sent.discard(container_id)
         self._on_release(container_id)
         for d in self._waiters.pop(container_id, []):
             d.callback(status)
@@ -290,11 +276,7 @@ class ExitWatcher:
     def start(self) -> None:
         """Start the events thread ("stopped" -> "running")."""
         self.state = "running"
-        self._stop_event.clear()
-        self.thread = threading.Thread(
-            target=self._events_loop, name=f"docker-events-{self.worker_id[:32]}", daemon=True
-        )
-        self.thread.start()
+        self._events.start()
 
     def stop(self) -> Deferred[None]:
         """Close the events stream, fail pending waiters; fires once the thread ended."""
@@ -303,11 +285,7 @@ class ExitWatcher:
         d = self._stopped.wait()
         if self.state == "running":
             self.state = "stopping"
-            self._stop_event.set()
-            with self._stream_lock:
-                stream, self._stream = self._stream, None
-            if stream is not None:
-                _close_quietly(stream)
+            self._events.close()
             for call in self._rechecks | self._settling:
                 if call.active():
                     call.cancel()
@@ -325,7 +303,6 @@ class ExitWatcher:
         return d
 
     def _events_thread_ended(self) -> None:
-        self.thread = None
         self.state = "stopped"
         self._stopped.fire(None)
 
@@ -353,7 +330,7 @@ class ExitWatcher:
         container_id = actor.get("ID") or event.get("id")
         attributes = actor.get("Attributes") or {}
         if action == "kill" and isinstance(container_id, str):
-            self._kill_seen(container_id, str(attributes.get("signal", "")))
+            self._kills.seen(container_id, str(attributes.get("signal", "")))
             return
         if action == "oom" and isinstance(container_id, str):
             self._oom_seen_now(container_id)
@@ -368,88 +345,3 @@ class ExitWatcher:
         except (TypeError, ValueError):
             hint = None
         self._check_exit(container_id, hint)
-
-    def _kill_seen(self, container_id: str, number: str) -> None:
-        now = self._reactor.seconds()
-        expected = [(n, until) for n, until in self._expected_kills.get(container_id, []) if until >= now]
-        for i, (n, _) in enumerate(expected):
-            if n == number:
-                del expected[i]
-                break
-        else:
-            self._foreign_kills.setdefault(container_id, (now, self.health.breaks))
-        if expected:
-            self._expected_kills[container_id] = expected
-        else:
-            self._expected_kills.pop(container_id, None)
-        # Forget old ones, but not those the engine went away after (their exit
-        # may only be found once it is back).
-        for cid, (at, breaks) in list(self._foreign_kills.items()):
-            if now - at > _KILL_MEMORY_S and (not self._engine_went_away(breaks) or now - at > 3600):
-                del self._foreign_kills[cid]
-
-    def _log_from_thread(self, text: str, **fields: object) -> None:
-        self._from_threads.callFromThread(lambda: log.warn(text, **fields))
-
-    def _events_loop(self) -> None:
-        """The events thread: stream `die` events of our containers to the reactor,
-        reconnecting with backoff until stop() sets the stop event."""
-        failures = 0
-        filters = {
-            "type": "container",
-            "event": ["die", "kill", "oom"],
-            "label": f"{WORKER_ID_LABEL}={self.worker_id}",
-        }
-        try:
-            while not self._stop_event.is_set():
-                try:
-                    stream = self._engine.api().events(decode=True, filters=filters)
-                except Exception as e:
-                    if failures == 0:
-                        self._log_from_thread(
-                            "docker events: connect failed ({error}); retrying with backoff",
-                            error=explain(e),
-                        )
-                    self._from_threads.callFromThread(self._connect_failed, explain(e))
-                    self._stop_event.wait(_RECONNECT.base(failures))
-                    failures += 1
-                    continue
-                with self._stream_lock:
-                    if self._stop_event.is_set():
-                        _close_quietly(stream)
-                        break
-                    self._stream = stream
-                failures = 0
-                self._from_threads.callFromThread(self._subscribed, self._live_restore())
-                try:
-                    for event in stream:
-                        if isinstance(event, dict):
-                            self._from_threads.callFromThread(self._on_event, event)
-                except Exception as e:
-                    if not self._stop_event.is_set():
-                        self._log_from_thread("docker events: stream failed: {error}", error=explain(e))
-                with self._stream_lock:
-                    self._stream = None
-                _close_quietly(stream)
-                if not self._stop_event.is_set():
-                    self._from_threads.callFromThread(self._stream_lost)
-                    self._log_from_thread("docker events: stream ended; reconnecting")
-                    self._stop_event.wait(_RECONNECT.base(failures))
-        finally:
-            self._from_threads.callFromThread(self._events_thread_ended)
-
-
-    def _live_restore(self) -> bool:
-        """Events thread: whether the engine keeps containers running through its
-        restarts (False when it cannot say)."""
-        try:
-            return bool(self._engine.api().info().get("LiveRestoreEnabled"))
-        except Exception:
-            return False
-
-
-def _close_quietly(stream: Any) -> None:
-    try:
-        stream.close()
-    except Exception:
-        pass

@@ -58,6 +58,10 @@ class EngineHealth:
     def up(self) -> bool:
         return self.state == "up"
 
+    def went_away(self, breaks: int) -> bool:
+        """Whether the engine went away since it had lost ``breaks`` streams."""
+        return self.breaks != breaks or not self.up
+
     def add_listener(self, listener: EngineListener) -> None:
         """``listener(up, reason)`` runs on every change between up and down."""
         self._listeners.append(listener)
