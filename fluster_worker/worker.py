@@ -19,13 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import Site
 
-from fluster_worker.accelerators import Accelerators, discover
 from fluster_worker.bundles.cache import BundleCache
 from fluster_worker.bundles.hosts import bundle_http_client
 from fluster_worker.common.files import make_private_dir
@@ -35,14 +33,12 @@ from fluster_worker.containers.networks import EngineNetworks
 from fluster_worker.containers.ports import PortAllocator
 from fluster_worker.containers.runtime import ContainerRuntime
 from fluster_worker.controller import (
-    ControllerClient,
     Registration,
-    RegistrationAdvert,
     ReportQueue,
-    container_controller_address,
     load_or_create_worker_id,
-    normalize_controller_url,
 )
+from fluster_worker.controller.address import container_controller_url
+from fluster_worker.controller.link import ControllerLink
 from fluster_worker.controller.reporter import JobReporter
 from fluster_worker.images.builder import ImageBuilder
 from fluster_worker.jobs.devices import JobDevices
@@ -59,9 +55,6 @@ from fluster_worker.node.conditions import UNAVAILABLE
 from fluster_worker.web.listener import WebService
 
 DockerClientFactory = Callable[[], Any]
-
-#: How long a stopping worker waits for its reports to reach the controller.
-REPORT_FLUSH_SECONDS = 1.0
 
 
 def default_docker_client() -> Any:
@@ -146,7 +139,7 @@ class Worker(MultiService):
             max_image_bytes=config.max_image_bytes,
         )
         docker_path = shutil.which(config.docker_path) or config.docker_path
-        # GPUs and TPUs, found when the worker starts (``_discover_devices``).
+        # GPUs and TPUs, found when the worker starts (``JobDevices.discover``).
         self.devices = JobDevices(
             None, shm_size_bytes=config.accelerator_shm_bytes, tpu_memlock_unlimited=config.tpu_memlock_unlimited
         )
@@ -173,7 +166,7 @@ class Worker(MultiService):
                 stall_s=10.0,  # the engine's log rotates (capped): Docker 20.10 may lose its place
             ),
             slots=DeferredSemaphore(jobs),
-            container_env=ContainerEnv(_container_controller_address(config.controller)).of,
+            container_env=ContainerEnv(container_controller_url(config.controller)).of,
             changed=lambda record: None,
             labels=dict(config.extra_labels),
             devices=self.devices,
@@ -200,6 +193,7 @@ class Worker(MultiService):
         )
         self.registration: Registration | None = None
         self.reports: ReportQueue | None = None
+        self._link: ControllerLink | None = None
         if config.controller:
             self._link_controller(config.controller)
         self.manager.setServiceParent(self)
@@ -210,41 +204,28 @@ class Worker(MultiService):
         """RegisterWorker + heartbeat, and the durable ReportJobState queue. Added
         before the manager so that, stopping in reverse, the manager's last
         reports are queued before the queue stops."""
-        client = ControllerClient.create(controller, self.reactor)
-        self.controller_client = client
-        advert = RegistrationAdvert(
-            self.worker_id,
+        link = ControllerLink(
             controller,
-            lambda: self.web.listening_port if self.web is not None else 0,
+            self.reactor,
             self.file_pool,
-            advertise_host=self.config.advertise_host,
-            cpu=self.config.advertise_cpu,
-            memory=self.config.advertise_memory,
+            self.config,
+            self.worker_id,
+            self.conditions,
+            listening_port=lambda: self.web.listening_port if self.web is not None else 0,
             accelerators=lambda: self.devices.accelerators,
         )
-        self.registration = Registration(
-            client, self.reactor, advert, heartbeat_interval_s=self.config.heartbeat_seconds
-        )
-        self.reports = ReportQueue(client, self.reactor, self.file_pool, self.config.state_dir, self.worker_id)
+        self._link = link
+        self.controller_client = link.client
+        self.registration = link.registration
+        self.reports = link.reports
         self.reports.setServiceParent(self)
         self.manager.add_listener(JobReporter(self.reports))
-        self.conditions.add_listener(self._health_changed)
 
     def _engine_changed(self, up: bool, reason: str) -> None:
         if up:
             self.conditions.clear("engine")
         else:
             self.conditions.set("engine", UNAVAILABLE, reason, cause="Docker engine unreachable")
-
-    def _health_changed(self, healthy: bool) -> None:
-        """Heartbeats only while the node can take work: the controller sends
-        none to a worker it does not hear from."""
-        if self.registration is None:
-            return
-        if healthy:
-            self.registration.resume()
-        else:
-            self.registration.pause(self.conditions.summary())
 
     def startService(self) -> None:
         # Every child but the web site now; the site once the manager has
@@ -253,7 +234,7 @@ class Worker(MultiService):
         for service in self:
             if service is not self.web:
                 service.startService()
-        self._discover_devices()
+        self.devices.discover(self.file_pool, self.config.gpus, self.config.tpu_devices)
         if self.web is not None:
             web = self.web
             web.when_listening().addCallback(self._listening).addErrback(
@@ -263,27 +244,6 @@ class Worker(MultiService):
             gatherResults([self.manager.ready(), self.devices.ready()]).addCallback(
                 lambda _: web.startService() if self.running else None
             ).addErrback(lambda f: self.log.failure("starting the web site failed", f))
-
-    def _discover_devices(self) -> None:
-        """The GPUs and TPU device nodes jobs may have (nvidia-smi, globs: on the pool)."""
-        if self.devices.accelerators is not None:
-            return
-        config = self.config
-
-        def found(accelerators: Accelerators) -> None:
-            self.log.info(
-                "devices: GPUs {gpus} ({model}), TPU device nodes {tpus}",
-                gpus=list(accelerators.gpus.ids),
-                model=accelerators.gpus.name or accelerators.gpus.variant,
-                tpus=list(accelerators.tpus.paths),
-            )
-            self.devices.configure(accelerators)
-
-        def failed(failure: Failure) -> None:
-            self.log.failure("finding GPUs and TPUs failed: jobs get none", failure)
-            self.devices.configure(Accelerators())
-
-        self.file_pool.run(discover, config.gpus, config.tpu_devices).addCallback(found).addErrback(failed)
 
     def _listening(self, port: int) -> Deferred[None]:
         from fluster_worker.host import advertise_address, advertise_host
@@ -319,8 +279,8 @@ class Worker(MultiService):
             await maybeDeferred(self.registration.stopService)
         pools = [self.file_pool, self.docker_pool, self.cpu_pool]
         for service in [s for s in reversed(list(self)) if s not in pools]:
-            if service is self.reports:
-                await self._flush_reports()
+            if service is self.reports and self._link is not None:
+                await self._link.flush_reports()
             await self._stop_one(service)
         # After the manager: a drained job ends WORKER_FAILED ("worker shut down"),
         # not FAILED by a build aborted under it; the builds then give up.
@@ -335,18 +295,6 @@ class Worker(MultiService):
             await self._http_pool.closeCachedConnections()
         for pool in pools:
             await self._stop_one(pool)
-
-    async def _flush_reports(self) -> None:
-        """Give the last reports a bounded moment to reach the controller (they
-        stay on disk for the next start if they do not)."""
-        if self.reports is None:
-            return
-        idle = self.reports.wait_idle()
-        idle.addTimeout(REPORT_FLUSH_SECONDS, self.reactor)
-        try:
-            await idle
-        except TimeoutError:
-            self.log.info("{count} job state reports left for the next start", count=self.reports.pending)
 
     async def _stop_one(self, service: Service) -> None:
         try:
@@ -370,14 +318,6 @@ class Worker(MultiService):
 
     def set_advertised_address(self, address: str) -> None:
         self._advertised = address
-
-def _container_controller_address(controller: str | None) -> str:
-    """Always a URL (``http://host:port``), whatever form the option took, with a
-    loopback controller host rewritten to one a container reaches."""
-    if not controller:
-        return ""
-    return container_controller_address(normalize_controller_url(controller))
-
 
 def _shared(factory: DockerClientFactory) -> DockerClientFactory:
     """One docker client for the whole worker, made on first use (in a thread)."""

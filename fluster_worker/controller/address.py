@@ -104,3 +104,11 @@ def container_controller_address(controller_address: str) -> str:
     if not parsed.scheme_given:
         return netloc + parsed.path
     return f"{parsed.scheme}://{netloc}{parsed.path}"
+
+
+def container_controller_url(controller: str | None) -> str:
+    """Always a URL (``http://host:port``), whatever form the option took, with a
+    loopback controller host rewritten to one a container reaches; "" for none."""
+    if not controller:
+        return ""
+    return container_controller_address(normalize_controller_url(controller))

@@ -18,9 +18,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from fluster_worker.accelerators import Accelerators
+from fluster_worker.accelerators import Accelerators, discover
 from fluster_worker.common.text import one_line
+from fluster_worker.common.threads import BlockingPool
 from fluster_worker.common.waiters import Once
 from fluster_worker.containers.devices import DeviceAllocator
 from fluster_worker.jobs.model import (
@@ -47,6 +50,8 @@ _NONE = Accelerators()
 class JobDevices:
     """The worker's GPUs and TPUs as the job core sees them. ``accelerators`` None
     means "not found yet": ``configure`` them once discovery is done (``ready``)."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -81,6 +86,28 @@ class JobDevices:
     def ready(self) -> Deferred[None]:
         """A new Deferred that fires once the devices are known."""
         return self._ready.wait()
+
+    def discover(self, pool: BlockingPool, gpus: str | None, tpu_devices: tuple[str, ...]) -> None:
+        """Find the GPUs and TPU device nodes jobs may have (nvidia-smi, globs: on
+        ``pool``) and ``configure`` them; none when that fails. Nothing when
+        they are known already."""
+        if self.accelerators is not None:
+            return
+
+        def found(accelerators: Accelerators) -> None:
+            self.log.info(
+                "devices: GPUs {gpus} ({model}), TPU device nodes {tpus}",
+                gpus=list(accelerators.gpus.ids),
+                model=accelerators.gpus.name or accelerators.gpus.variant,
+                tpus=list(accelerators.tpus.paths),
+            )
+            self.configure(accelerators)
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("finding GPUs and TPUs failed: jobs get none", failure)
+            self.configure(Accelerators())
+
+        pool.run(discover, gpus, tpu_devices).addCallback(found).addErrback(failed)
 
     # -- at submit -------------------------------------------------------------
 
