@@ -12,7 +12,8 @@ from twisted.logger import LogEvent, LogLevel, capturedLogs
 
 from fluster_worker.common.backoff import Backoff
 from fluster_worker.controller.client import ControllerError, ControllerUnavailable
-from fluster_worker.controller.reports import ReportQueue, report_path
+from fluster_worker.controller.report_files import report_path
+from fluster_worker.controller.reports import ReportQueue
 from fluster_worker.testing.controller import (
     FakeController,
     InlinePool,

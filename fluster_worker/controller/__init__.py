@@ -1,7 +1,8 @@
 """The worker's side of the Controller: joining it (RegisterWorker + heartbeat),
 reporting job states to it (ReportJobState), and the facts both need.
 
-Modules: `client` (Connect unary calls over treq), `registration`, `reports`,
+Modules: `client` (Connect unary calls over treq), `link` (the worker's
+registration and report queue), `registration`, `reports` (with `report_files`),
 `machine` (local facts and the advertised address), `identity` (worker id),
 `address` (the controller option; the address job containers use), `backoff`.
 """

@@ -7,7 +7,7 @@ answered 200. Delivery is one global FIFO, strictly one call at a time, so no re
 of a job overtakes an earlier one. On startService the files left by a previous run
 are loaded, in sequence order, ahead of anything new.
 
-All file work goes through one ordered lane (a DeferredLock over the BlockingPool):
+The files are report_files.py. All file work goes through one ordered lane (a DeferredLock over the BlockingPool):
 load, writes and removals happen in the order they were asked for.
 
 What a controller answer does to the head report:
@@ -29,15 +29,11 @@ What a controller answer does to the head report:
 from __future__ import annotations
 
 import random as _random
-import re
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from google.protobuf.message import DecodeError
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock, TimeoutError, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -49,49 +45,13 @@ from fluster_worker.common.files import write_atomically
 from fluster_worker.common.waiters import Waiters
 from fluster_worker.controller._types import BlockingRunner
 from fluster_worker.controller.client import ControllerCaller, ControllerError
+from fluster_worker.controller.report_files import REPORTS_DIR, Entry, load_pending, report_path, unlink
 from fluster_worker.web.rpc import cluster_pb2 as pb
 
 log = Logger()
 
-REPORTS_DIR = "reports"
 REPORT_BACKOFF = Backoff(initial_s=0.5, max_s=8.0, factor=2.0, jitter=0.5)
 DEFAULT_MAX_PENDING = 10_000
-MAX_REPORT_FILE_BYTES = 1024 * 1024
-
-_REPORT_FILE = re.compile(r"(\d{1,20})\.pb")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    seq: int
-    request: pb.ReportJobStateRequest
-
-
-def report_path(directory: Path, seq: int) -> Path:
-    return directory / f"{seq:012d}.pb"
-
-
-def _load_files(directory: Path) -> list[tuple[int, bytes | None]]:
-    """(seq, bytes) of every report file, by seq; None for a file too large to be
-    ours. Removes temporary files left by a crash mid-write."""
-    directory.mkdir(parents=True, exist_ok=True)
-    found: list[tuple[int, bytes | None]] = []
-    for path in directory.iterdir():
-        if path.name.startswith(".") and path.name.endswith(".tmp"):
-            path.unlink(missing_ok=True)
-            continue
-        match = _REPORT_FILE.fullmatch(path.name)
-        if match is None or not path.is_file():
-            continue
-        size = path.stat().st_size
-        data = path.read_bytes() if size <= MAX_REPORT_FILE_BYTES else None
-        found.append((int(match.group(1)), data))
-    found.sort(key=lambda item: item[0])
-    return found
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
 
 
 class ReportQueue(Service):
@@ -126,7 +86,7 @@ class ReportQueue(Service):
         self._io = DeferredLock()
         self._loaded = False
         self._next_seq = 0
-        self._entries: deque[_Entry] = deque()  # written, deliverable, in order
+        self._entries: deque[Entry] = deque()  # written, deliverable, in order
         self._queued = 0  # accepted by report(), not yet written
         self._generation = 0
         self._timer: IDelayedCall | None = None
@@ -231,41 +191,8 @@ class ReportQueue(Service):
     async def _ensure_loaded(self) -> None:
         if self._loaded:
             return
-        try:
-            files = await self._pool.run(_load_files, self._dir)
-        except Exception as e:
-            log.error(
-                "cannot read pending job state reports in {dir}: {error}",
-                dir=self._dir,
-                error=str(e),
-            )
-            files = []
-            # Never reuse the number of a file we could not see: start above any.
-            self._next_seq = time.time_ns() // 1000
-        bad: list[int] = []
-        for seq, data in files:
-            request = pb.ReportJobStateRequest()
-            try:
-                if data is None:
-                    raise DecodeError("file too large")
-                request.ParseFromString(data)
-            except DecodeError:
-                bad.append(seq)
-                continue
-            self._entries.append(_Entry(seq, request))
-        for seq in bad:
-            path = report_path(self._dir, seq)
-            log.error("discarding unreadable report file {path}", path=path)
-            try:
-                await self._pool.run(_unlink, path)
-            except OSError as e:
-                log.error("cannot remove {path}: {error}", path=path, error=str(e))
-        if files:
-            self._next_seq = files[-1][0] + 1
-            log.info(
-                "{count} job state reports pending from a previous run",
-                count=len(self._entries),
-            )
+        entries, self._next_seq = await load_pending(self._pool, self._dir, self._next_seq)
+        self._entries.extend(entries)
         self._loaded = True
 
     async def _persist(self, request: pb.ReportJobStateRequest) -> None:
@@ -284,14 +211,14 @@ class ReportQueue(Service):
                     job_id=request.job_id,
                     error=str(e),
                 )
-            self._entries.append(_Entry(seq, request))
+            self._entries.append(Entry(seq, request))
         finally:
             self._queued -= 1
         self._kick()
 
-    def _remove(self, entry: _Entry) -> None:
+    def _remove(self, entry: Entry) -> None:
         path = report_path(self._dir, entry.seq)
-        d = self._io.run(self._pool.run, _unlink, path)
+        d = self._io.run(self._pool.run, unlink, path)
         d.addErrback(self._unexpected, "removing a delivered report")
 
     # -- delivery ------------------------------------------------------------------------
@@ -331,7 +258,7 @@ class ReportQueue(Service):
             errbackArgs=(entry, generation),
         )
 
-    def _answered(self, _: pb.ReportJobStateResponse, entry: _Entry, generation: int) -> None:
+    def _answered(self, _: pb.ReportJobStateResponse, entry: Entry, generation: int) -> None:
         if generation != self._generation:
             return
         self._inflight = None
@@ -345,7 +272,7 @@ class ReportQueue(Service):
         self.delivered += 1
         self._finish(entry)
 
-    def _failed(self, failure: Failure, entry: _Entry, generation: int) -> None:
+    def _failed(self, failure: Failure, entry: Entry, generation: int) -> None:
         if generation != self._generation:
             return  # cancelled by stopService
         self._inflight = None
@@ -388,7 +315,7 @@ class ReportQueue(Service):
         self._timer = None
         self._kick()
 
-    def _finish(self, entry: _Entry) -> None:
+    def _finish(self, entry: Entry) -> None:
         if self._entries and self._entries[0] is entry:
             self._entries.popleft()
         self._remove(entry)
