@@ -144,6 +144,10 @@ class DockerLogsCli:
         env: dict[str, str],
         command_prefix: Sequence[str] = (),
     ) -> None:
+        if not os.path.isabs(docker_path):
+            raise ValueError(f"docker_path must be absolute, not {docker_path!r}")
+        if not container_id or container_id.startswith("-") or not container_id.isprintable():
+            raise ValueError(f"invalid container id {container_id[:80]!r}")
         self.docker_path = docker_path
         self._spawn = spawn_process
         self._container_id = container_id

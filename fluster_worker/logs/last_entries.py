@@ -18,7 +18,7 @@ from twisted.logger import Logger
 
 from fluster_worker.logs.docker_cli import DockerLogsCli
 from fluster_worker.logs.lines import StreamParser
-from fluster_worker.logs.resume import StreamCursor
+from fluster_worker.logs.resume import CHECK_LINES, StreamCursor
 
 __all__ = ["LastEntries", "all_stored", "newer_entry"]
 
@@ -51,6 +51,12 @@ class LastEntries:
                 log.failure("reading the last log entries of {cid} failed", cid=self._container_id)
                 return None
         return await self._cli.last_entries(count)
+
+    async def stored(self, streams: Mapping[int, StreamCursor], max_line_bytes: int) -> bool:
+        """Whether the container's last ``CHECK_LINES`` entries are stored;
+        anything unclear answers False (one more tail then reads the rest)."""
+        output = await self.read(CHECK_LINES)
+        return output is not None and all_stored(output, streams, max_line_bytes)
 
 
 def all_stored(output: Mapping[int, bytes], streams: Mapping[int, StreamCursor], max_line_bytes: int) -> bool:

@@ -43,7 +43,6 @@ that drained a pipe.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -56,11 +55,11 @@ from fluster_worker.common.waiters import Waiters
 from fluster_worker.logs.docker_cli import DockerLogsCli, TailProtocol, default_env
 from fluster_worker.logs.ingest import IngestBudget
 from fluster_worker.logs.joblog import JobLog
-from fluster_worker.logs.last_entries import LastEntries, all_stored, newer_entry
+from fluster_worker.logs.last_entries import LastEntries, newer_entry
 from fluster_worker.logs.model import DEFAULT_MAX_LINE_BYTES
 from fluster_worker.logs.read_pacing import pace_reads
 from fluster_worker.logs.restarts import TailRestarts
-from fluster_worker.logs.resume import CHECK_LINES, StreamCursor, resume_streams, tail_since
+from fluster_worker.logs.resume import StreamCursor, resume_streams, tail_since
 from fluster_worker.logs.stall import StallWatch
 
 _FDS = {1: "stdout", 2: "stderr"}
@@ -104,10 +103,6 @@ class LogFollower:
         """``last_entries(n)``: see last_entries.py. ``budget`` is the reactor
         time parsing may take, shared with the other followers (ingest.py); by
         default the one of ``job_log``'s store."""
-        if not os.path.isabs(docker_path):
-            raise ValueError(f"docker_path must be absolute, not {docker_path!r}")
-        if not container_id or container_id.startswith("-") or not container_id.isprintable():
-            raise ValueError(f"invalid container id {container_id[:80]!r}")
         self._reactor = reactor
         self._cli = DockerLogsCli(
             spawn_process, docker_path, container_id, dict(env) if env is not None else default_env(), command_prefix
@@ -287,7 +282,7 @@ class LogFollower:
             self._finish_stopped()
         elif running:
             self._retry()
-        elif await self._complete():
+        elif await self._last_entries.stored(self._streams, self._max_line_bytes):
             await self._finish(None)
         else:
             # docker logs -f sometimes ends (exit 0) before it has sent everything
@@ -296,12 +291,6 @@ class LogFollower:
             self._draining = True
             self._progress = True  # not a failure
             self._retry()
-
-    async def _complete(self) -> bool:
-        """Whether the container's last log entries are stored (last_entries.py);
-        anything unclear answers False: one more tail then reads the rest."""
-        output = await self._last_entries.read(CHECK_LINES)
-        return output is not None and all_stored(output, self._streams, self._max_line_bytes)
 
     def _behind(self) -> Deferred[bool]:
         """Whether the engine holds an entry newer than the stored ones (the
