@@ -18,7 +18,8 @@ from fluster_worker.jobs.model import JobState
 from fluster_worker.testing.dashboard import FakeLogs, FakeManager, make_record
 from fluster_worker.web.api import JobsApi
 from fluster_worker.web.compat_api import CompatApi, job_row
-from fluster_worker.web.views import Facts, job_summary, now_ms
+from fluster_worker.web.job_json import job_summary, now_ms
+from fluster_worker.web.views import Facts
 
 
 class Pool:

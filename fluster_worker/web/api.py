@@ -12,8 +12,9 @@ Routes (GET, ``application/json``):
   log lines with their ``seq``; ``after_seq`` pages forward (the live follow),
   otherwise the last ``tail`` lines.
 
-Ids may contain "/": encode it as ``%2F`` in these paths (``views.split_suffix``).
-The shapes and the protocols it reads the worker through are in ``views``.
+Ids may contain "/": encode it as ``%2F`` in these paths (``urls.split_suffix``).
+The shapes are in ``job_json`` and ``worker_json``, the protocols it reads the
+worker through in ``views``.
 """
 
 from __future__ import annotations
@@ -24,30 +25,24 @@ from twisted.web.server import Request
 
 from fluster_worker.jobs.model import JobRecord
 from fluster_worker.logs.model import InvalidLogQuery
-from fluster_worker.web.rows import RowCache, json_bytes
-from fluster_worker.web.views import (
+from fluster_worker.web.answers import json_error, json_response
+from fluster_worker.web.job_json import job_detail, job_summary, line_json, now_ms
+from fluster_worker.web.queries import (
     DEFAULT_TAIL,
     MAX_JOBS,
     MAX_LOG_LINES,
     BadRequest,
-    Facts,
-    WorkerView,
     arg,
     int_arg,
-    job_detail,
-    job_summary,
-    json_error,
-    json_response,
-    line_json,
     log_query,
-    not_found_message,
-    now_ms,
     parse_sources,
     parse_state,
     select_jobs,
-    split_suffix,
-    worker_stats,
 )
+from fluster_worker.web.rows import RowCache, json_bytes
+from fluster_worker.web.urls import not_found_message, split_suffix
+from fluster_worker.web.views import Facts, WorkerView
+from fluster_worker.web.worker_json import worker_stats
 
 PREFIX = "/api/v1"
 

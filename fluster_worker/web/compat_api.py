@@ -15,7 +15,7 @@ Routes (GET, ``application/json``):
   oldest of those lines first); an unknown job is ``[]``.
 
 Ids may contain "/" (``parent/child``): the routes take the rest of the path,
-and a ``%2F`` in it is part of the id (see ``views.split_suffix``). The
+and a ``%2F`` in it is part of the id (see ``urls.split_suffix``). The
 dashboard's own, richer JSON is under ``/api/v1/`` (``api``).
 """
 
@@ -29,19 +29,12 @@ from twisted.web.server import Request
 
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogQuery
+from fluster_worker.web.answers import json_error, json_response
+from fluster_worker.web.job_json import job_devices
+from fluster_worker.web.queries import MAX_LOG_BYTES, MAX_LOG_LINES, BadRequest, arg, int_arg
 from fluster_worker.web.rows import RowCache, json_bytes
-from fluster_worker.web.views import (
-    MAX_LOG_BYTES,
-    MAX_LOG_LINES,
-    BadRequest,
-    WorkerView,
-    arg,
-    int_arg,
-    job_devices,
-    json_error,
-    json_response,
-    split_suffix,
-)
+from fluster_worker.web.urls import split_suffix
+from fluster_worker.web.views import WorkerView
 
 #: ``status`` as the existing worker spells it; any other state is "unknown".
 STATUS_NAMES: dict[JobState, str] = {

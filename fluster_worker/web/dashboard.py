@@ -42,32 +42,25 @@ from werkzeug.exceptions import HTTPException, NotFound
 from fluster_worker import __version__
 from fluster_worker.jobs.model import JobError, JobRecord
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogLine
+from fluster_worker.web.answers import json_error
 from fluster_worker.web.guard.control import control_of
-from fluster_worker.web.views import (
+from fluster_worker.web.job_json import job_detail, job_summary, now_ms
+from fluster_worker.web.queries import (
     DEFAULT_TAIL,
     MAX_JOBS,
     MAX_LOG_LINES,
     BadRequest,
-    Facts,
-    WorkerView,
     arg,
-    counts_by_state,
     int_arg,
-    job_detail,
-    job_page_url,
-    job_summary,
-    json_error,
-    literal_suffix,
     log_query,
-    not_found_message,
-    now_ms,
     parse_sources,
     parse_state,
     select_jobs,
-    split_suffix,
-    worker_stats,
 )
+from fluster_worker.web.urls import job_page_url, literal_suffix, not_found_message, split_suffix
+from fluster_worker.web.views import Facts, WorkerView
 from fluster_worker.web.wire import connect_error
+from fluster_worker.web.worker_json import counts_by_state, worker_stats
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"

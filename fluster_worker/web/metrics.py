@@ -51,8 +51,10 @@ from prometheus_client.registry import Collector
 
 from fluster_worker import __version__
 from fluster_worker.jobs.model import JobRecord, JobState
+from fluster_worker.web.job_json import line_count
 from fluster_worker.web.refusals import RefusalLog
-from fluster_worker.web.views import ManagerView, line_count, worker_devices
+from fluster_worker.web.views import ManagerView
+from fluster_worker.web.worker_json import worker_devices
 
 PREFIX = "fluster_worker_"
 RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -28,7 +28,7 @@ def _dumps(value: Any) -> bytes:
 
 
 def json_bytes(request: Request, body: bytes) -> bytes:
-    """A 200 JSON answer of already encoded bytes (as ``views.json_response``)."""
+    """A 200 JSON answer of already encoded bytes (as ``answers.json_response``)."""
     request.setResponseCode(200)
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
