@@ -294,3 +294,6 @@ async def test_counters_move_when_real_jobs_run(harness: Harness, tmp_path: Path
     assert value(after, "fluster_worker_log_lines", source="all") >= 30
     assert moved("fluster_worker_rpc_duration_seconds_count", method="RunJob", code="ok") == 2
     assert moved("fluster_worker_rpc_duration_seconds_count", method="GetJobStatus", code="ok") >= 2
+    # The assembled worker's site counters are read (none refused, none evicted here).
+    assert ("fluster_worker_connections_refused_total", ()) in after
+    assert ("fluster_worker_connections_evicted_total", ()) in after
