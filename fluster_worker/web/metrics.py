@@ -53,11 +53,11 @@ from fluster_worker import __version__
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.web.job_json import line_count
 from fluster_worker.web.refusals import RefusalLog
+from fluster_worker.web.rpc_timings import RpcTimings
 from fluster_worker.web.views import ManagerView
 from fluster_worker.web.worker_json import worker_devices
 
 PREFIX = "fluster_worker_"
-RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BUILD_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
@@ -93,9 +93,6 @@ class WorkerMetrics:
         self._logs = logs
         self._clock = clock
         self._started = clock.seconds()
-        self._methods = frozenset(rpc_methods)
-        # The labelled children of rpc_duration, looked up once (every RPC observes one).
-        self._rpc_children: dict[tuple[str, str], Any] = {}
         self._registration = registration  # read at scrape: it may be attached after us
         self._devices = devices
         self._seen: dict[str, _Seen] = {}
@@ -117,10 +114,10 @@ class WorkerMetrics:
             PREFIX + "image_build_seconds", "Time to build a job image (cache misses).",
             buckets=BUILD_BUCKETS, registry=r,
         )
-        self.rpc_duration = Histogram(
-            PREFIX + "rpc_duration_seconds", "Connect RPC latency by method and result code.",
-            ["method", "code"], buckets=RPC_BUCKETS, registry=r,
+        self.rpc_duration = RpcTimings(
+            PREFIX + "rpc_duration_seconds", "Connect RPC latency by method and result code.", rpc_methods
         )
+        r.register(self.rpc_duration)
         for state in JobState:
             if state.terminal:
                 self.jobs_finished.labels(state.name.lower())
@@ -158,11 +155,7 @@ class WorkerMetrics:
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         """The ConnectRouter's ``observe`` hook. The method comes from the URL:
         anything not in the service is ``unknown`` (bounded label values)."""
-        key = (method if method in self._methods else "unknown", code[:40])
-        child = self._rpc_children.get(key)
-        if child is None:  # one per method and code: bounded
-            child = self._rpc_children[key] = self.rpc_duration.labels(*key)
-        child.observe(max(0.0, seconds))
+        self.rpc_duration.observe(method, code, seconds)
 
     # -- output -------------------------------------------------------------------
 

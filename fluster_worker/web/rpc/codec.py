@@ -15,12 +15,20 @@ PROTO = "application/proto"
 JSON = "application/json"
 
 
-def media_type(content_type: str | None) -> str | None:
+#: The codecs by the exact Content-Type value a peer sends (the usual case).
+_MEDIA_TYPES = {b"application/proto": PROTO, b"application/json": JSON}
+#: The Content-Type value of an answer in each codec.
+CONTENT_TYPES = {PROTO: b"application/proto", JSON: b"application/json"}
+
+
+def media_type(content_type: bytes | None) -> str | None:
     """The codec named by a Content-Type header, or None when we do not speak it."""
     if not content_type:
         return None
-    base = content_type.split(";", 1)[0].strip().lower()
-    return base if base in (PROTO, JSON) else None
+    exact = _MEDIA_TYPES.get(content_type)
+    if exact is not None:
+        return exact
+    return _MEDIA_TYPES.get(content_type.split(b";", 1)[0].strip().lower())
 
 
 def _inflate(body: bytes, encoding: str | None, limit: int) -> tuple[bytes, bool] | None:
@@ -63,6 +71,8 @@ def inflate_small(body: bytes, encoding: str | None, limit: int) -> bytes | None
 
 def decode(body: bytes, codec: str, message_type: type[Message]) -> Message:
     message = message_type()
+    if not body:  # an empty message, in either codec (HealthCheck, ListJobs)
+        return message
     try:
         if codec == PROTO:
             message.ParseFromString(body)

@@ -78,7 +78,22 @@ class ConnectRouter:
         }
 
     def mount(self, app: Klein) -> None:
-        app.route(f"/{self.service_name}/<string:method>", methods=["POST"])(self._handle)
+        # One static rule per method: werkzeug finds a static path by lookup,
+        # where a ``<method>`` converter costs a regex match per candidate rule
+        # (about a tenth of a HealthCheck). Other names under the service reach
+        # the converter rule and are answered unimplemented.
+        for name in self._methods:
+            app.route(f"/{self.service_name}/{name}", methods=["POST"], endpoint=f"rpc_{name}")(
+                self._handler_of(name)
+            )
+        app.route(f"/{self.service_name}/<string:method>", methods=["POST"], endpoint="rpc_other")(self._handle)
+
+    def _handler_of(self, method: str) -> Callable[[Request], bytes | Deferred[bytes]]:
+        def handle(request: Request) -> bytes | Deferred[bytes]:
+            return self._handle(request, method)
+
+        handle.__name__ = f"rpc_{method}"
+        return handle
 
     def _handle(self, request: Request, method: str) -> bytes | Deferred[bytes]:
         """A call answered synchronously when it can be (a small body parsed
@@ -86,7 +101,7 @@ class ConnectRouter:
         Deferred on the way); through Deferreds otherwise."""
         call = _Call(request, method, time.monotonic())
         types = self._methods.get(method)
-        content_type = codec.media_type(_header(request, b"content-type"))
+        content_type = codec.media_type(request.getHeader(b"content-type"))
         call.codec = content_type or codec.JSON
         if types is None:
             return self._failed(call, Failure(ConnectError(
@@ -96,17 +111,20 @@ class ConnectRouter:
                 "unsupported content type; use application/proto or application/json")))
         try:
             response = self._dispatch(request, method, types, content_type)
-            if not isinstance(response, Deferred):
-                return self._ok(call, response)
+            # (Checked by what it is rather than by isinstance(Deferred): that
+            # is an ABC check, on the path of every call.)
+            if type(response) is types[1] or type(response) is Encoded:
+                return self._ok(response, call)  # type: ignore[arg-type]
         except Exception:
             return self._failed(call, Failure())
         # An answer that fails to encode is an internal error like any other.
-        answer: Deferred[bytes] = response.addCallback(  # type: ignore[assignment]
-            lambda r: self._ok(call, r)
-        ).addErrback(lambda f: self._failed(call, f))
+        pending: Deferred[Message | Encoded] = response  # type: ignore[assignment]
+        answer: Deferred[bytes] = pending.addCallback(self._ok, call).addErrback(  # type: ignore[assignment]
+            self._failed_later, call
+        )
         return answer
 
-    def _ok(self, call: _Call, response: Message | Encoded) -> bytes | Deferred[bytes]:
+    def _ok(self, response: Message | Encoded, call: _Call) -> bytes | Deferred[bytes]:
         if isinstance(response, Encoded):
             body = response.body(call.codec, self._pool)
         elif response.ByteSize() <= self._inline_answer:
@@ -115,16 +133,23 @@ class ConnectRouter:
             # A big answer (many jobs, many log lines): encoded on the pool so
             # that the reactor keeps serving meanwhile.
             body = self._pool.run(codec.encode, response, call.codec)
-        if isinstance(body, Deferred):
-            return body.addCallbacks(lambda b: self._answered(call, b), lambda f: self._failed(call, f))
-        return self._answered(call, body)
+        if type(body) is bytes:
+            return self._answered(call, body)
+        return body.addCallbacks(  # type: ignore[union-attr, no-any-return]
+            lambda b: self._answered(call, b), lambda f: self._failed(call, f)
+        )
 
     def _answered(self, call: _Call, body: bytes) -> bytes:
         request = call.request
-        request.setResponseCode(200)
-        request.setHeader(b"content-type", call.codec.encode())
-        self._done(call.method, "ok", call.started)
+        request.setHeader(b"content-type", codec.CONTENT_TYPES[call.codec])
+        # A length, not chunks: one write for the whole answer, none after it.
+        request.setHeader(b"content-length", b"%d" % len(body))
+        if self._observe is not None:
+            self._observe(call.method, "ok", time.monotonic() - call.started)
         return body
+
+    def _failed_later(self, failure: Failure, call: _Call) -> bytes:
+        return self._failed(call, failure)
 
     def _failed(self, call: _Call, failure: Failure) -> bytes:
         request, method = call.request, call.method
@@ -138,7 +163,9 @@ class ConnectRouter:
             request.setResponseCode(code.http_status)
         self._refused(request, method, code, message)
         self._done(method, code.wire_name, call.started)
-        return codec.error_body(code, message, _details(failure, message))
+        body = codec.error_body(code, message, _details(failure, message))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return body
 
     def _dispatch(
         self,
@@ -150,42 +177,49 @@ class ConnectRouter:
         """The handler's answer, or a Deferred of it; raises what it refuses."""
         if getattr(request, "body_too_large", False):
             raise ConnectError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {self._max_body_bytes} bytes")
-        version = _header(request, b"connect-protocol-version")
-        if version is not None and version.strip() != "1":
-            raise ConnectError(Code.INVALID_ARGUMENT, f"unsupported connect-protocol-version {version[:20]!r}")
-        timeout = _timeout_seconds(_header(request, b"connect-timeout-ms"))
-        encoding = _header(request, b"content-encoding")
+        headers = request.requestHeaders
+        version = headers.getRawHeaders(b"connect-protocol-version")
+        if version is not None and version[-1].strip() != b"1":
+            raise ConnectError(
+                Code.INVALID_ARGUMENT,
+                f"unsupported connect-protocol-version {version[-1].decode('latin-1')[:20]!r}",
+            )
+        timeout_ms = headers.getRawHeaders(b"connect-timeout-ms")
+        timeout = _timeout_seconds(timeout_ms[-1].decode("latin-1")) if timeout_ms is not None else None
+        encodings = headers.getRawHeaders(b"content-encoding")
+        encoding = encodings[-1].decode("latin-1") if encodings is not None else None
         content = request.content
         request_type, response_type = types
-
-        def check(response: Any) -> Message | Encoded:
-            kind = response.message_type if isinstance(response, Encoded) else type(response)
-            if kind is not response_type:
-                raise TypeError(f"{method} returned {kind.__name__}, not {response_type.__name__}")
-            return response  # type: ignore[no-any-return]
-
-        def parse(body: bytes) -> Message:
-            return codec.decode(codec.decompress(body, encoding, self._max_body_bytes), content_type, request_type)
-
         answer: Deferred[Message | Encoded]
-        if isinstance(content, io.BytesIO) and len(content.getbuffer()) <= self._inline_body:
+        body = content.getvalue() if type(content) is io.BytesIO else None
+        if body is not None and len(body) <= self._inline_body:
             # Parsed here only if it stays small once decompressed; a small
             # gzip body that inflates (up to the body limit) goes to the pool.
-            body = content.getvalue()
-            small = codec.inflate_small(body, encoding, self._inline_body)
+            small = codec.inflate_small(body, encoding, self._inline_body) if encoding is not None else body
             if small is not None:
                 result = self._call(method, codec.decode(small, content_type, request_type))
+                if type(result) is response_type:
+                    return result  # type: ignore[no-any-return]
                 if not isinstance(result, Deferred):
-                    return check(result)
-                answer = result.addCallback(check)
+                    return _checked(result, method, response_type)
+                answer = result.addCallback(_checked, method, response_type)
             else:
-                answer = self._pool.run(parse, body).addCallback(self._call_later, method).addCallback(check)
+                parsed = self._pool.run(self._parse, body, encoding, content_type, request_type)
+                answer = parsed.addCallback(self._call_later, method).addCallback(_checked, method, response_type)
         else:
-            parsed = self._pool.run(lambda: parse(content.read() if content is not None else b""))
-            answer = parsed.addCallback(self._call_later, method).addCallback(check)
+            parsed = self._pool.run(self._read_and_parse, content, encoding, content_type, request_type)
+            answer = parsed.addCallback(self._call_later, method).addCallback(_checked, method, response_type)
         if timeout is not None:
             answer.addTimeout(timeout, self._reactor)
         return answer
+
+    def _parse(self, body: bytes, encoding: str | None, content_type: str, request_type: type[Message]) -> Message:
+        return codec.decode(codec.decompress(body, encoding, self._max_body_bytes), content_type, request_type)
+
+    def _read_and_parse(
+        self, content: Any, encoding: str | None, content_type: str, request_type: type[Message]
+    ) -> Message:
+        return self._parse(content.read() if content is not None else b"", encoding, content_type, request_type)
 
     def _call(self, method: str, message: Message) -> Any:
         """The handler's answer (a message, an Encoded, or a Deferred of one)."""
@@ -242,6 +276,14 @@ class _UnsupportedMediaType(Exception):
     pass
 
 
+def _checked(response: Any, method: str, response_type: type[Message]) -> Message | Encoded:
+    """``response``, when it is (or encodes) the method's response type."""
+    kind = response.message_type if isinstance(response, Encoded) else type(response)
+    if kind is not response_type:
+        raise TypeError(f"{method} returned {kind.__name__}, not {response_type.__name__}")
+    return response  # type: ignore[no-any-return]
+
+
 class _Call:
     """One RPC being answered."""
 
@@ -281,11 +323,6 @@ def peer_of(request: Request) -> str:
     if host is None:
         return ""
     return f"{host}:{port}" if port is not None else str(host)
-
-
-def _header(request: Request, name: bytes) -> str | None:
-    value = request.getHeader(name)
-    return value.decode("latin-1") if value is not None else None
 
 
 def _timeout_seconds(value: str | None) -> float | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 from collections import deque
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
@@ -202,22 +203,20 @@ class BoundedRequest(Request):
 
 def undecodable(request: Request) -> str | None:
     """Why the request's URL cannot be routed as text (None when it can)."""
-    path = request.path.split(b"?", 1)[0]
-    try:
-        b"/".join(map(_unquote, path.split(b"/"))).decode("utf-8")
-    except UnicodeDecodeError:
-        return "request path is not UTF-8 once percent-decoded"
-    try:
-        request.getRequestHostname().decode("utf-8")
-    except UnicodeDecodeError:
-        return "Host header is not UTF-8"
+    path = request.path  # the query is not in it
+    # The usual path is plain ASCII with nothing escaped: nothing to decode.
+    if b"%" in path or not path.isascii():
+        try:
+            unquote_to_bytes(path).decode("utf-8")
+        except UnicodeDecodeError:
+            return "request path is not UTF-8 once percent-decoded"
+    host = request.getHeader(b"host")
+    if host is not None and not host.isascii():
+        try:
+            request.getRequestHostname().decode("utf-8")
+        except UnicodeDecodeError:
+            return "Host header is not UTF-8"
     return None
-
-
-def _unquote(segment: bytes) -> bytes:
-    from urllib.parse import unquote_to_bytes
-
-    return unquote_to_bytes(segment)
 
 
 class GuardedChannel(HTTPChannel):
@@ -225,22 +224,26 @@ class GuardedChannel(HTTPChannel):
     of its first byte (see the module doc), and tells its site when it closes."""
 
     read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S
-    _read_deadline: IDelayedCall | None = None
+    _reading = False  # a request is being read: its deadline is on the site's list
     _counted = False
 
     def dataReceived(self, data: bytes) -> None:
         # Bytes that arrive while a request is answered wait in Twisted's buffer
         # and come back through here once it is done: the clock starts then.
-        if self._read_deadline is None and not self._handlingRequest and self.read_timeout_s:
-            self._read_deadline = self.callLater(self.read_timeout_s, self._read_too_slow)
+        if not self._reading and not self._handlingRequest and self.read_timeout_s:
+            site = getattr(self, "site", None)
+            if isinstance(site, GuardedSite):
+                self._reading = True
+                site.read_started(self, self.read_timeout_s)
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
         self._stop_read_clock()
         super().allContentReceived()
 
-    def _read_too_slow(self) -> None:
-        self._read_deadline = None
+    def read_too_slow(self) -> None:
+        """The site's sweep found this request's read past its deadline."""
+        self._reading = False
         if self._handlingRequest or self.transport is None:
             return
         body = b"request not received in time\n"
@@ -252,10 +255,11 @@ class GuardedChannel(HTTPChannel):
         self.timeoutConnection()
 
     def _stop_read_clock(self) -> None:
-        if self._read_deadline is not None:
-            if self._read_deadline.active():
-                self._read_deadline.cancel()
-            self._read_deadline = None
+        if self._reading:
+            self._reading = False
+            site = getattr(self, "site", None)
+            if isinstance(site, GuardedSite):
+                site.read_stopped(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._stop_read_clock()
@@ -264,6 +268,12 @@ class GuardedChannel(HTTPChannel):
             self._counted = False
             site.connection_closed()
         super().connectionLost(reason)
+
+
+def _sweep_interval(timeout_s: float) -> float:
+    """How often the read deadlines are checked: a request read too slowly is
+    answered 408 at most a quarter of its deadline (and 1 s) late."""
+    return max(0.01, min(1.0, timeout_s / 4))
 
 
 class _Overloaded(Protocol):
@@ -298,6 +308,35 @@ class GuardedSite(Site):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._unsent: dict[BoundedRequest, None] = {}  # oldest first
+        # The read deadlines of the requests being read, checked by one sweep
+        # rather than a timer per request (set and cancelled for every call).
+        self._reading: dict[GuardedChannel, float] = {}
+        self._sweep: IDelayedCall | None = None
+
+    # -- read deadlines -----------------------------------------------------------
+
+    def read_started(self, channel: GuardedChannel, timeout_s: float) -> None:
+        self._reading[channel] = self.reactor.seconds() + timeout_s
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(_sweep_interval(timeout_s), self._sweep_reads, timeout_s)
+
+    def read_stopped(self, channel: GuardedChannel) -> None:
+        self._reading.pop(channel, None)
+
+    def _sweep_reads(self, timeout_s: float) -> None:
+        self._sweep = None
+        now = self.reactor.seconds()
+        for channel in [c for c, deadline in self._reading.items() if deadline <= now]:
+            del self._reading[channel]
+            channel.read_too_slow()
+        if self._reading:
+            self._sweep = self.reactor.callLater(_sweep_interval(timeout_s), self._sweep_reads, timeout_s)
+
+    def stopFactory(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+        super().stopFactory()
 
     def unsent_started(self, request: BoundedRequest) -> None:
         self._unsent[request] = None
