@@ -4,7 +4,9 @@ must leave alone (keep-alive, a slow answer)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterator
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -306,3 +308,76 @@ async def test_clients_that_do_not_read_their_answers_are_dropped_past_the_unsen
     answer = await with_deadline(second.closed, 60)
     assert dechunk(answer) == BIG
     assert s.unsent_bytes == 0
+
+
+FIXED = {b"content-security-policy": b"default-src 'self'", b"x-content-type-options": b"nosniff"}
+
+
+@pytest_twisted.async_yield_fixture
+async def headed() -> AsyncIterator[int]:
+    app = Klein()
+
+    @app.route("/")
+    def hello(request: Request) -> bytes:
+        return b"hello"
+
+    @app.route("/own")
+    def own(request: Request) -> bytes:
+        request.setHeader(b"content-security-policy", b"sandbox")
+        return b"own"
+
+    port = reactor.listenTCP(0, bounded_site(app.resource(), fixed_headers=FIXED), interface="127.0.0.1")
+    yield port.getHost().port
+    await port.stopListening()
+
+
+def header_lines(answer: bytes) -> list[tuple[str, str]]:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")[1:]
+    return [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(":") for line in head)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_answer_carries_the_fixed_headers_and_a_date_once_and_no_server_header(headed: int) -> None:
+    client = await connect(headed)
+    client.send(get(b"/"))
+    answer = await with_deadline(client.closed)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    lines = header_lines(answer)
+    names = [name for name, _ in lines]
+    assert dict(lines)["content-security-policy"] == "default-src 'self'"
+    assert dict(lines)["x-content-type-options"] == "nosniff"
+    assert names.count("content-security-policy") == names.count("x-content-type-options") == names.count("date") == 1
+    sent = parsedate_to_datetime(dict(lines)["date"])
+    assert abs(sent.timestamp() - time.time()) < 60
+    assert "server" not in names  # Twisted's version is nobody's business
+    assert b"hello" in answer.partition(b"\r\n\r\n")[2]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_sets_a_fixed_header_itself_keeps_its_own(headed: int) -> None:
+    client = await connect(headed)
+    client.send(get(b"/own"))
+    answer = await with_deadline(client.closed)
+    lines = header_lines(answer)
+    assert [v for n, v in lines if n == "content-security-policy"] == ["sandbox"]
+    assert [v for n, v in lines if n == "x-content-type-options"] == ["nosniff"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_plain_400_carries_the_fixed_headers_once(headed: int) -> None:
+    client = await connect(headed)
+    client.send(get(b"/%ff"))
+    answer = await with_deadline(client.closed)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    names = [name for name, _ in header_lines(answer)]
+    assert names.count("x-content-type-options") == names.count("content-security-policy") == 1
+    assert names.count("date") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_site_without_fixed_headers_still_dates_its_answers(site: tuple[int, GuardedSite]) -> None:
+    client = await connect(site[0])
+    client.send(get(b"/"))
+    answer = await with_deadline(client.closed)
+    names = [name for name, _ in header_lines(answer)]
+    assert names.count("date") == 1 and "server" not in names

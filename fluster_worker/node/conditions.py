@@ -96,7 +96,8 @@ class NodeConditions:
 
     @property
     def healthy(self) -> bool:
-        return self.blocking() is None
+        # Read by every HealthCheck: no sorting when there is nothing to sort.
+        return not self._conditions or self.blocking() is None
 
     def summary(self) -> str:
         """The reasons, on one line ("" when there are none)."""

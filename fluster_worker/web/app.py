@@ -16,7 +16,8 @@ matters for readability):
 Every request first passes the access gate (``guard.gate``: Host allowlist,
 address rules, container networks, the optional token). Every response carries
 ``Content-Security-Policy: default-src 'self'`` and ``X-Content-Type-Options:
-nosniff`` (``SecureHeaders``).
+nosniff`` (``SECURITY_HEADERS``: written by the worker's site on every answer,
+``rpc.channel.FixedHeaders``; ``SecureHeaders`` for the app under another site).
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ SECURITY_HEADERS: dict[bytes, bytes] = {
 
 class SecureHeaders(Resource):
     """Wraps a leaf resource (the Klein app) and adds the security headers to
-    every response it renders, error pages included."""
+    every response it renders, error pages included: for the app served by a
+    Site other than the worker's own (tests through ``StubTreq``). The worker's
+    site writes the same headers itself, encoded once (``build_site``)."""
 
     isLeaf = True
 
@@ -139,14 +142,18 @@ def build_app(
     return app
 
 
-def build_resource(worker: WorkerView, *, access: AccessPolicy | None = None, **kwargs: Any) -> Resource:
-    """The app as a resource with the security headers (what the Site serves),
-    behind the access gate when ``access`` is given."""
+def build_resource(
+    worker: WorkerView, *, access: AccessPolicy | None = None, secure_headers: bool = True, **kwargs: Any
+) -> Resource:
+    """The app as a resource, behind the access gate when ``access`` is given,
+    with the security headers unless the site adds them (``secure_headers=False``)."""
     if access is None:
-        return SecureHeaders(build_app(worker, **kwargs).resource())
-    refusals = kwargs.pop("refusals", None) or RefusalLog(worker.reactor)
-    app = build_app(worker, refusals=refusals, **kwargs)
-    return SecureHeaders(AccessGate(app.resource(), access, refusals))
+        resource: Resource = build_app(worker, **kwargs).resource()
+    else:
+        refusals = kwargs.pop("refusals", None) or RefusalLog(worker.reactor)
+        app = build_app(worker, refusals=refusals, **kwargs)
+        resource = AccessGate(app.resource(), access, refusals)
+    return SecureHeaders(resource) if secure_headers else resource
 
 
 def access_policy(worker: WorkerView) -> AccessPolicy:
@@ -175,8 +182,8 @@ def access_policy(worker: WorkerView) -> AccessPolicy:
 
 
 def build_site(worker: WorkerView) -> Site:
-    resource = build_resource(worker, access=access_policy(worker))
-    site = bounded_site(cast(IResource, resource), worker.config.max_body_bytes)
+    resource = build_resource(worker, access=access_policy(worker), secure_headers=False)
+    site = bounded_site(cast(IResource, resource), worker.config.max_body_bytes, fixed_headers=SECURITY_HEADERS)
     # No access log: the dashboard's live follow polls twice a second per open page,
     # and Site writes a line per request to the twistd log (``noisy`` does not stop it).
     site.log = _no_access_log  # type: ignore[method-assign]

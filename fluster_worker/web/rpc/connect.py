@@ -101,7 +101,7 @@ class ConnectRouter:
         Deferred on the way); through Deferreds otherwise."""
         call = _Call(request, method, time.monotonic())
         types = self._methods.get(method)
-        content_type = codec.media_type(request.getHeader(b"content-type"))
+        content_type = codec.media_type(call.content_type)
         call.codec = content_type or codec.JSON
         if types is None:
             return self._failed(call, Failure(ConnectError(
@@ -110,7 +110,7 @@ class ConnectRouter:
             return self._failed(call, Failure(_UnsupportedMediaType(
                 "unsupported content type; use application/proto or application/json")))
         try:
-            response = self._dispatch(request, method, types, content_type)
+            response = self._dispatch(call, types, content_type)
             # (Checked by what it is rather than by isinstance(Deferred): that
             # is an ABC check, on the path of every call.)
             if type(response) is types[1] or type(response) is Encoded:
@@ -169,25 +169,22 @@ class ConnectRouter:
 
     def _dispatch(
         self,
-        request: Request,
-        method: str,
+        call: _Call,
         types: tuple[type[Message], type[Message]],
         content_type: str,
     ) -> Message | Encoded | Deferred[Message | Encoded]:
         """The handler's answer, or a Deferred of it; raises what it refuses."""
+        request, method = call.request, call.method
         if getattr(request, "body_too_large", False):
             raise ConnectError(Code.RESOURCE_EXHAUSTED, f"request body exceeds {self._max_body_bytes} bytes")
-        headers = request.requestHeaders
-        version = headers.getRawHeaders(b"connect-protocol-version")
-        if version is not None and version[-1].strip() != b"1":
+        version = call.protocol_version
+        if version is not None and version.strip() != b"1":
             raise ConnectError(
                 Code.INVALID_ARGUMENT,
-                f"unsupported connect-protocol-version {version[-1].decode('latin-1')[:20]!r}",
+                f"unsupported connect-protocol-version {version.decode('latin-1')[:20]!r}",
             )
-        timeout_ms = headers.getRawHeaders(b"connect-timeout-ms")
-        timeout = _timeout_seconds(timeout_ms[-1].decode("latin-1")) if timeout_ms is not None else None
-        encodings = headers.getRawHeaders(b"content-encoding")
-        encoding = encodings[-1].decode("latin-1") if encodings is not None else None
+        timeout = _timeout_seconds(call.timeout_ms.decode("latin-1")) if call.timeout_ms is not None else None
+        encoding = call.encoding.decode("latin-1") if call.encoding is not None else None
         content = request.content
         request_type, response_type = types
         answer: Deferred[Message | Encoded]
@@ -285,15 +282,33 @@ def _checked(response: Any, method: str, response_type: type[Message]) -> Messag
 
 
 class _Call:
-    """One RPC being answered."""
+    """One RPC being answered, and the request headers the router reads (found
+    in one pass over the headers rather than a lookup each)."""
 
-    __slots__ = ("request", "method", "started", "codec")
+    __slots__ = ("request", "method", "started", "codec", "content_type", "protocol_version", "timeout_ms", "encoding")
 
     def __init__(self, request: Request, method: str, started: float) -> None:
         self.request = request
         self.method = method
         self.started = started
         self.codec = codec.JSON
+        self.content_type: bytes | None = None
+        self.protocol_version: bytes | None = None
+        self.timeout_ms: bytes | None = None
+        self.encoding: bytes | None = None
+        # Twisted gives the names in its canonical spelling (Http-Header-Case).
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            if name in _READ_HEADERS:
+                setattr(self, _READ_HEADERS[name], values[-1])
+
+
+#: The request headers a call reads, by Twisted's spelling of their names.
+_READ_HEADERS = {
+    b"Content-Type": "content_type",
+    b"Connect-Protocol-Version": "protocol_version",
+    b"Connect-Timeout-Ms": "timeout_ms",
+    b"Content-Encoding": "encoding",
+}
 
 
 class Encoded:
