@@ -204,8 +204,12 @@ def test_jobs_take_free_slots_in_arrival_order(make_job_rig: MakeRig) -> None:
     assert rig.record("c").state is JobState.RUNNING and rig.record("d").state is JobState.PENDING
     finish(rig, "a")
     assert rig.record("d").state is JobState.RUNNING and rig.record("e").state is JobState.PENDING
+    assert rig.manager.running_count() == 2
     started = [c.spec.labels["fluster.job_id"] for c in rig.runtime.containers.values()]
     assert started == ["a", "b", "c", "d"]
+    for name in ("c", "d", "e"):
+        finish(rig, name)
+    assert rig.manager.running_count() == 0
 
 
 def test_the_line_is_the_order_of_arrival_not_of_the_disk(make_job_rig: MakeRig) -> None:
@@ -304,9 +308,11 @@ def test_a_restarted_manager_answers_for_the_jobs_of_the_previous_one(tmp_path: 
     before.submit("finished")
     finish(before, "finished")
     before.submit("unfinished")
+    assert before.manager.running_count() == 1
     # The process dies: no stopService.
     after = make_job_rig(tmp_path)
     after.start()
+    assert after.manager.running_count() == 0  # its one RUNNING record was lost
     assert after.record("finished").state is JobState.SUCCEEDED
     unfinished = after.record("unfinished")
     # Its container is gone with the old engine (a new fake runtime): lost.

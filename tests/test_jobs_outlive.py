@@ -218,12 +218,14 @@ def test_a_re_adopted_job_ends_with_its_real_outcome_and_every_line_once(tmp_pat
     container.print("stdout", "line 3")  # while no worker watches
     again = restarted(rig)
     assert again.record().state is JobState.RUNNING
+    assert again.manager.running_count() == 1  # HealthCheck's running_jobs
     container.print("stdout", "line 4")
     write_result(again)
     container.exit(0)
     again.settle()
     record = again.record()
     assert (record.state, record.exit_code, record.has_result) == (JobState.SUCCEEDED, 0, True)
+    assert again.manager.running_count() == 0
     assert again.lines(source="stdout") == [f"line {i}" for i in range(5)]
     assert states(again) == ["SUCCEEDED"]  # announced (reported) once
     assert again.runtime.live() == []

@@ -103,6 +103,10 @@ class JobManager(Service):
         self._pins = BundlePins(kit.bundles)
         self._jobs: dict[str, JobRecord] = {}
         self._active: dict[str, JobExecution] = {}
+        # The ids of the RUNNING records, kept as they change (``_changed``):
+        # every HealthCheck reads the count, and up to the retention count of
+        # finished records (1,000 by default) are kept beside them.
+        self._running_ids: set[str] = set()
         self._persisted: dict[str, Once[None]] = {}
         self._listeners: list[StateListener] = []
         self._pruner = LoopingCall(self.prune)
@@ -151,6 +155,8 @@ class JobManager(Service):
         for record in await self._store.load_all():
             if record.job_id not in self._jobs:
                 self._jobs[record.job_id] = record
+                if record.state is JobState.RUNNING:
+                    self._running_ids.add(record.job_id)
                 self._arrival = max(self._arrival, record.arrival)
         # Before anything can fetch a bundle (and so evict one): see recovery.py.
         self._pins.hold(self._jobs.values())
@@ -300,7 +306,7 @@ class JobManager(Service):
             self.log.warn("job {job_id} is still stopping {s} s after its kill", job_id=job_id, s=grace)
 
     def running_count(self) -> int:
-        return sum(1 for r in self._jobs.values() if r.state is JobState.RUNNING)
+        return len(self._running_ids)
 
     # -- internals -------------------------------------------------------------
 
@@ -311,6 +317,11 @@ class JobManager(Service):
         running.addBoth(lambda _: self._finished(job_id, execution))
 
     def _changed(self, record: JobRecord) -> None:
+        if self._jobs.get(record.job_id) is record:  # (not a replaced attempt's)
+            if record.state is JobState.RUNNING:
+                self._running_ids.add(record.job_id)
+            else:
+                self._running_ids.discard(record.job_id)
         self._store.save(record).addErrback(
             lambda f: self.log.failure("saving job {job_id} failed", f, job_id=record.job_id)
         )
