@@ -152,10 +152,13 @@ class WorkerMetrics:
             seen.finished = True
             self.jobs_finished.labels(record.state.name.lower()).inc()
 
-    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        """The ConnectRouter's ``observe`` hook. The method comes from the URL:
-        anything not in the service is ``unknown`` (bounded label values)."""
-        self.rpc_duration.observe(method, code, seconds)
+    @property
+    def observe_rpc(self) -> Callable[[str, str, float], None]:
+        """The ConnectRouter's ``observe`` hook ``(method, code, seconds)``. The
+        method comes from the URL: anything not in the service is ``unknown``
+        (bounded label values). (The histogram's own method: one call less on
+        the path of every RPC.)"""
+        return self.rpc_duration.observe
 
     # -- output -------------------------------------------------------------------
 

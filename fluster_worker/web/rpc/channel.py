@@ -69,7 +69,10 @@ class GuardedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._stop_read_clock()
+        if self._reading:  # (``_stop_read_clock``, inline: once per request)
+            self._reading = False
+            if self.guard is not None:
+                self.guard.reading.pop(self, None)
         super().allContentReceived()
 
     def read_too_slow(self) -> None:
@@ -110,7 +113,7 @@ class GuardedChannel(HTTPChannel):
         if self._reading:
             self._reading = False
             if self.guard is not None:
-                self.guard.read_stopped(self)
+                self.guard.reading.pop(self, None)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self._stop_read_clock()

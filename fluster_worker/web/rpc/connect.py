@@ -9,10 +9,10 @@ with a Connect code. No method knows about HTTP.
 from __future__ import annotations
 
 import base64
-import inspect
 import io
 import time
 from collections.abc import Callable
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
@@ -224,7 +224,7 @@ class ConnectRouter:
         if handler is None:
             raise ConnectError(Code.UNIMPLEMENTED, f"{self.service_name}/{method} is not implemented")
         result = handler(message)
-        if inspect.iscoroutine(result):
+        if isinstance(result, CoroutineType):
             return Deferred.fromCoroutine(result)
         return result
 

@@ -89,8 +89,9 @@ class GuardedSite(Site):
         super().__init__(*args, **kwargs)
         self._unsent: dict[BoundedRequest, None] = {}  # oldest first
         # The read deadlines of the requests being read, checked by one sweep
-        # rather than a timer per request (set and cancelled for every call).
-        self._reading: dict[GuardedChannel, float] = {}
+        # rather than a timer per request (set and cancelled for every call);
+        # a channel takes itself off when its request is read.
+        self.reading: dict[GuardedChannel, float] = {}
         self._sweep: IDelayedCall | None = None
 
     # -- read deadlines -----------------------------------------------------------
@@ -104,20 +105,17 @@ class GuardedSite(Site):
         return self._date_line
 
     def read_started(self, channel: GuardedChannel, timeout_s: float) -> None:
-        self._reading[channel] = self.reactor.seconds() + timeout_s
+        self.reading[channel] = self.reactor.seconds() + timeout_s
         if self._sweep is None:
             self._sweep = self.reactor.callLater(_sweep_interval(timeout_s), self._sweep_reads, timeout_s)
-
-    def read_stopped(self, channel: GuardedChannel) -> None:
-        self._reading.pop(channel, None)
 
     def _sweep_reads(self, timeout_s: float) -> None:
         self._sweep = None
         now = self.reactor.seconds()
-        for channel in [c for c, deadline in self._reading.items() if deadline <= now]:
-            del self._reading[channel]
+        for channel in [c for c, deadline in self.reading.items() if deadline <= now]:
+            del self.reading[channel]
             channel.read_too_slow()
-        if self._reading:
+        if self.reading:
             self._sweep = self.reactor.callLater(_sweep_interval(timeout_s), self._sweep_reads, timeout_s)
 
     def stopFactory(self) -> None:
