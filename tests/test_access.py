@@ -73,6 +73,19 @@ def test_host_allowlist_names() -> None:
     assert HostAllowlist(["*"]).refusal(b"evil.example", None) is None
 
 
+def test_host_verdicts_asked_again_agree_and_a_moved_advertised_address_is_seen() -> None:
+    advertised = ["10.1.2.3:8080"]
+    hosts = HostAllowlist(["worker.lan"], dynamic=lambda: advertised)
+    for _ in range(3):  # the fixed names' verdicts are remembered by the raw header
+        assert hosts.refusal(b"worker.lan:8080", None) is None
+        assert hosts.refusal(b"10.1.2.3", None) is None
+        assert hosts.refusal(b"evil.example", None) is not None
+    advertised[:] = ["10.9.9.9:8080"]  # the advertised address moved: not remembered
+    assert hosts.refusal(b"10.1.2.3", None) is not None
+    assert hosts.refusal(b"10.9.9.9", None) is None
+    assert hosts.refusal(b"worker.lan:8080", None) is None
+
+
 def test_address_rules() -> None:
     rule = Rule.parse("loopback, 10.0.0.0/8,fd00::/8, controller")
     ctl = [parse_ip("192.0.2.7")]

@@ -75,17 +75,26 @@ class HostAllowlist:
         #: What the fixed names say of a (host, local address): callers come back.
         self._fixed_verdicts: dict[tuple[str, str | None], bool] = {}
         self._dynamic_seen: tuple[tuple[str, ...], frozenset[str]] = ((), frozenset())
+        #: The raw (Host header, local address) pairs the fixed names allow.
+        self._fixed_allowed: set[tuple[bytes, str | None]] = set()
 
     def refusal(self, header: bytes | None, local_ip: str | None) -> str | None:
         """None when the request may go on, else the one-line reason."""
         if self.open or header is None:
             # No Host at all is no browser (HTTP/1.0 probes): rebinding needs one.
             return None
+        key = (header, local_ip)
+        if key in self._fixed_allowed:  # (every call of a client that came before)
+            return None
         text = header.decode("latin-1")
         host = host_name(text)
         if host is None:
             return f"malformed Host header {text[:60]!r}"
         if self.allows(host, local_ip):
+            if self._fixed_verdicts.get((host, local_ip)):  # allowed by names that do not change
+                if len(self._fixed_allowed) >= MAX_CACHED:
+                    self._fixed_allowed.clear()
+                self._fixed_allowed.add(key)
             return None
         return f"Host {host[:80]!r} is not a name of this worker (see --allowed-hosts)"
 
