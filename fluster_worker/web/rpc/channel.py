@@ -16,17 +16,25 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 
-if TYPE_CHECKING:
-    from fluster_worker.web.rpc.site import GuardedSite
-
 DEFAULT_READ_TIMEOUT_S = 60.0
 _NO_LINES: dict[bytes, bytes] = {}
+
+
+class ChannelGuard(Protocol):
+    """What a channel asks of its site (``site.GuardedSite``)."""
+
+    #: The requests being read and their deadlines: a channel takes itself off.
+    reading: dict[GuardedChannel, float]
+
+    def read_started(self, channel: GuardedChannel, timeout_s: float) -> None: ...
+    def date_line(self) -> bytes: ...
+    def connection_closed(self) -> None: ...
 
 
 class FixedHeaders:
@@ -54,7 +62,7 @@ class GuardedChannel(HTTPChannel):
     """An HTTPChannel with a read deadline per request and fixed headers on
     every answer (see the module doc); tells its site when it closes."""
 
-    guard: GuardedSite | None = None  # its site, set when the site builds it
+    guard: ChannelGuard | None = None  # its site, set when the site builds it
     fixed_headers: FixedHeaders | None = None
     read_timeout_s: float | None = DEFAULT_READ_TIMEOUT_S
     _reading = False  # a request is being read: its deadline is on the site's list

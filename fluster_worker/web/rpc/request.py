@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import io
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.python.failure import Failure
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.server import Request
 
-if TYPE_CHECKING:
-    from fluster_worker.web.rpc.site import GuardedSite
-
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
 #: A write at least this large goes out a slice at a time (_Unsent).
 LARGE_WRITE = 256 * 1024
 SLICE = 64 * 1024
+
+
+class UnsentLedger(Protocol):
+    """Counts the answers not yet handed to the sockets (``site.GuardedSite``)."""
+
+    def unsent_started(self, request: BoundedRequest) -> None: ...
+    def unsent_added(self, request: BoundedRequest, size: int) -> None: ...
+    def unsent_sent(self, size: int) -> None: ...
+    def unsent_done(self, request: BoundedRequest) -> None: ...
+    def unsent_forgotten(self, request: BoundedRequest, size: int) -> None: ...
 
 
 class _Unsent:
@@ -78,7 +85,7 @@ class BoundedRequest(Request):
     body_too_large = False
     _received = 0
     _unsent: _Unsent | None = None
-    _guarded: GuardedSite | None = None  # the site counting this request's unsent bytes
+    _guarded: UnsentLedger | None = None  # the site counting this request's unsent bytes
     _finish_when_sent = False
 
     def gotLength(self, length: int | None) -> None:
@@ -106,7 +113,7 @@ class BoundedRequest(Request):
         if self._unsent is None and len(data) < LARGE_WRITE:
             super().write(data)  # the usual answer: small, written at once
             return
-        site = getattr(self.channel, "guard", None)  # GuardedChannel: its GuardedSite
+        site: UnsentLedger | None = getattr(self.channel, "guard", None)  # GuardedChannel: its site
         if self._unsent is None and (
             site is None
             or self.method == b"HEAD"
