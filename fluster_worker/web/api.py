@@ -25,7 +25,7 @@ from twisted.web.server import Request
 
 from fluster_worker.jobs.model import JobRecord
 from fluster_worker.logs.model import InvalidLogQuery
-from fluster_worker.web.answers import json_error, json_response
+from fluster_worker.web.answers import json_bytes, json_error, json_response
 from fluster_worker.web.job_json import job_detail, job_summary, line_json, now_ms
 from fluster_worker.web.queries import (
     DEFAULT_TAIL,
@@ -39,7 +39,7 @@ from fluster_worker.web.queries import (
     parse_state,
     select_jobs,
 )
-from fluster_worker.web.rows import RowCache, json_bytes
+from fluster_worker.web.rows import RowCache
 from fluster_worker.web.urls import not_found_message, split_suffix
 from fluster_worker.web.views import Facts, WorkerView
 from fluster_worker.web.worker_json import worker_stats

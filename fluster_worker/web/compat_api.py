@@ -29,10 +29,10 @@ from twisted.web.server import Request
 
 from fluster_worker.jobs.model import JobRecord, JobState
 from fluster_worker.logs.model import SOURCES, InvalidLogQuery, LogQuery
-from fluster_worker.web.answers import json_error, json_response
+from fluster_worker.web.answers import json_bytes, json_error, json_response
 from fluster_worker.web.job_json import job_devices
 from fluster_worker.web.queries import MAX_LOG_BYTES, MAX_LOG_LINES, BadRequest, arg, int_arg
-from fluster_worker.web.rows import RowCache, json_bytes
+from fluster_worker.web.rows import RowCache
 from fluster_worker.web.urls import split_suffix
 from fluster_worker.web.views import WorkerView
 

@@ -10,29 +10,16 @@ start) are made on the worker's CPU pool, off the reactor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.web.server import Request
 
 from fluster_worker.common.threads import BlockingPool
 from fluster_worker.jobs.model import JobRecord
 from fluster_worker.web import wire
+from fluster_worker.web.answers import json_text
 from fluster_worker.web.kept import INLINE_MISSES, KeptBytes
-
-
-def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def json_bytes(request: Request, body: bytes) -> bytes:
-    """A 200 JSON answer of already encoded bytes (as ``answers.json_response``)."""
-    request.setResponseCode(200)
-    request.setHeader(b"content-type", b"application/json; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    return body
 
 
 class RowCache:
@@ -66,4 +53,4 @@ class RowCache:
         return (wire.status_key(record), record.submitted_at_ms, tuple(record.devices))
 
     def _make(self, record: JobRecord) -> bytes:
-        return _dumps(self._row(record))
+        return json_text(self._row(record))
