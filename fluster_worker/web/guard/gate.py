@@ -22,12 +22,10 @@ dashboard shows the Kill button only then.
 from __future__ import annotations
 
 import functools
-import html
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -35,10 +33,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from fluster_worker.host import is_local_host
-from fluster_worker.web.guard import control
+from fluster_worker.web.guard import control, login
 from fluster_worker.web.guard.callers import Address, ControllerAddresses, Network, Rule, parse_ip
-from fluster_worker.web.guard.hosts import HostAllowlist, host_name
+from fluster_worker.web.guard.hosts import HostAllowlist
 from fluster_worker.web.guard.token import BearerToken
 from fluster_worker.web.refusals import RefusalLog
 from fluster_worker.web.rpc import codec
@@ -225,30 +222,30 @@ class AccessGate(Resource):
             given = request.args[b"token"][0]
             if token.matches(given):
                 # Keep it in a cookie; drop it from the address bar and the history.
-                token.set_cookie(request, _cookie_secure(request))
-                return _redirect(request, _without_token(request))
+                token.set_cookie(request, login.cookie_secure(request))
+                return login.redirect(request, login.without_token(request))
         if request.path == LOGIN_PATH:
             return self._login(request)
         reason = "missing or wrong token (send Authorization: Bearer <token>)"
         if call.page and request.method in (b"GET", b"HEAD"):
             self._log_refusal(request, call, reason)
-            return _login_page(request, request.uri.decode("latin-1") if request.uri else "/", reason)
+            return login.login_page(request, request.uri.decode("latin-1") if request.uri else "/", reason)
         return self._refuse(request, call, reason)
 
     def _login(self, request: Request) -> bytes:
         token = self._policy.token
-        target = _local_path(_arg(request, b"next") or "/")
+        target = login.local_path(login.form_arg(request, b"next") or "/")
         if token is None:
-            return _redirect(request, target)
+            return login.redirect(request, target)
         if request.method != b"POST":
-            return _login_page(request, target, "")
-        given = (_arg(request, b"token") or "").encode("utf-8")
+            return login.login_page(request, target, "")
+        given = (login.form_arg(request, b"token") or "").encode("utf-8")
         if not token.matches(given):
             call = Call("POST /login", changes_state=False, rpc=False, page=True)
             self._log_refusal(request, call, "wrong token")
-            return _login_page(request, target, "wrong token")
-        token.set_cookie(request, _cookie_secure(request))
-        return _redirect(request, target)
+            return login.login_page(request, target, "wrong token")
+        token.set_cookie(request, login.cookie_secure(request))
+        return login.redirect(request, target)
 
     # -- answers ------------------------------------------------------------------
 
@@ -295,56 +292,3 @@ def _peer_ip(request: Request) -> Address | None:
     # An address we cannot read is nobody we know: a documentation address
     # matches no rule but ``*``.
     return ip if ip is not None else ipaddress.ip_address("192.0.2.0")
-
-
-def _cookie_secure(request: Request) -> bool:
-    """Browsers keep a Secure cookie only over TLS, or on loopback."""
-    if request.isSecure():
-        return True
-    header = request.getHeader(b"host")
-    host = host_name(header.decode("latin-1")) if header is not None else None
-    return host is not None and is_local_host(host)
-
-
-def _arg(request: Request, name: bytes) -> str | None:
-    values = (request.args or {}).get(name)
-    if not values:
-        return None
-    return values[0].decode("utf-8", "replace")
-
-
-def _local_path(target: str) -> str:
-    """A path on this worker to send a browser to: never another site."""
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/"
-    return quote(parts.path, safe="/%:@!$&'()*+,;=-._~") or "/"
-
-
-def _without_token(request: Request) -> str:
-    path = _local_path((request.path or b"/").decode("latin-1"))
-    rest = [(k, v) for k, values in (request.args or {}).items() if k != b"token" for v in values]
-    return path + ("?" + urlencode(rest) if rest else "")
-
-
-def _redirect(request: Request, target: str) -> bytes:
-    request.setResponseCode(303)
-    request.setHeader(b"location", target.encode("ascii", "replace"))
-    request.setHeader(b"cache-control", b"no-store")
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    return b"see " + target.encode("ascii", "replace") + b"\n"
-
-
-def _login_page(request: Request, target: str, reason: str) -> bytes:
-    request.setResponseCode(Code.PERMISSION_DENIED.http_status)
-    request.setHeader(b"content-type", b"text/html; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    note = f"<p>{html.escape(reason)}</p>" if reason else ""
-    return (
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Fluster worker: token</title>"
-        "</head><body><h1>This worker needs its token</h1>"
-        f"{note}<form method=\"post\" action=\"/login\">"
-        f"<input type=\"hidden\" name=\"next\" value=\"{html.escape(_local_path(target))}\">"
-        "<label>Token <input type=\"password\" name=\"token\" autocomplete=\"current-password\" autofocus></label> "
-        "<button type=\"submit\">Sign in</button></form></body></html>"
-    ).encode()
