@@ -180,12 +180,12 @@ class BoundedRequest(Request):
         channel writes it, made once a second: ``GuardedChannel.writeHeaders``);
         and a path or Host that is not UTF-8 answers a plain 400."""
         self.site = self.channel.site  # type: ignore[attr-defined]
-        if self.path == b"*" or getattr(self.channel, "guard", None) is None:
-            super().process()  # ``OPTIONS *``, or a channel that writes no Date
-            return
         problem = undecodable(self)
         if problem is not None:
             self._refuse_undecodable(problem)
+            return
+        if self.path == b"*" or getattr(self.channel, "guard", None) is None:
+            super().process()  # ``OPTIONS *``, or a channel that writes no Date
             return
         self.prepath = []
         self.postpath = list(map(unquote_to_bytes, self.path[1:].split(b"/")))
