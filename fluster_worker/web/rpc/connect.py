@@ -144,8 +144,7 @@ class ConnectRouter:
         request.setHeader(b"content-type", codec.CONTENT_TYPES[call.codec])
         # A length, not chunks: one write for the whole answer, none after it.
         request.setHeader(b"content-length", b"%d" % len(body))
-        if self._observe is not None:
-            self._observe(call.method, "ok", time.monotonic() - call.started)
+        self._done(call.method, "ok", call.started)
         return body
 
     def _failed_later(self, failure: Failure, call: _Call) -> bytes:

@@ -67,9 +67,11 @@ class _Overloaded(Protocol):
 
 
 class GuardedSite(Site):
-    """A Site with a cap on open connections and a read deadline per request;
-    its connections do not log ``Timing out client`` when an idle keep-alive
-    connection (a controller's, a polling client's) is closed."""
+    """A Site with a cap on open connections, a read deadline per request, a
+    cap on unsent answers, and the headers every answer carries (its fixed
+    headers, a Date made once a second); its connections do not log ``Timing
+    out client`` when an idle keep-alive connection (a controller's, a polling
+    client's) is closed."""
 
     _logger = Logger()
     protocol = GuardedChannel  # type: ignore[assignment]
@@ -94,8 +96,6 @@ class GuardedSite(Site):
         self.reading: dict[GuardedChannel, float] = {}
         self._sweep: IDelayedCall | None = None
 
-    # -- read deadlines -----------------------------------------------------------
-
     def date_line(self) -> bytes:
         """The ``Date`` header line of an answer written now (made once a second)."""
         now = int(self.reactor.seconds())
@@ -103,6 +103,8 @@ class GuardedSite(Site):
             self._date_second = now
             self._date_line = b"Date: " + datetimeToString(now) + b"\r\n"
         return self._date_line
+
+    # -- read deadlines -----------------------------------------------------------
 
     def read_started(self, channel: GuardedChannel, timeout_s: float) -> None:
         self.reading[channel] = self.reactor.seconds() + timeout_s
