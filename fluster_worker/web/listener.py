@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from fluster_worker.common.waiters import Once
-from fluster_worker.web.rpc.site import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT_S, limit_connections
+from fluster_worker.web.rpc.channel import DEFAULT_READ_TIMEOUT_S
+from fluster_worker.web.rpc.site import DEFAULT_MAX_CONNECTIONS, limit_connections
 
 
 class WebService(Service):

@@ -77,10 +77,7 @@ class GuardedChannel(HTTPChannel):
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
-        if self._reading:  # (``_stop_read_clock``, inline: once per request)
-            self._reading = False
-            if self.guard is not None:
-                self.guard.reading.pop(self, None)
+        self._stop_read_clock()
         super().allContentReceived()
 
     def read_too_slow(self) -> None:

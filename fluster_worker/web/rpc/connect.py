@@ -29,7 +29,7 @@ from fluster_worker.common.threads import BlockingPool
 from fluster_worker.web.rpc import codec
 from fluster_worker.web.rpc.errors import Code, ConnectError
 from fluster_worker.web.rpc.errors_pb2 import ErrorDetails
-from fluster_worker.web.rpc.site import DEFAULT_MAX_BODY_BYTES
+from fluster_worker.web.rpc.request import DEFAULT_MAX_BODY_BYTES
 
 if TYPE_CHECKING:
     from fluster_worker.web.refusals import RefusalLog

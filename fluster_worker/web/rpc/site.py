@@ -36,16 +36,6 @@ DEFAULT_IDLE_TIMEOUT_S = 60.0
 #: Answers not yet handed to the sockets, over all connections.
 DEFAULT_MAX_UNSENT_BYTES = 256 * 2**20
 
-__all__ = [
-    "DEFAULT_MAX_BODY_BYTES",
-    "DEFAULT_READ_TIMEOUT_S",
-    "BoundedRequest",
-    "GuardedChannel",
-    "GuardedSite",
-    "bounded_site",
-    "limit_connections",
-]
-
 
 def _sweep_interval(timeout_s: float) -> float:
     """How often the read deadlines are checked: a request read too slowly is
